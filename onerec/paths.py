@@ -1,0 +1,45 @@
+"""Where each stage reads and writes, relative to `run.out_dir` (one place, so stages never guess)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, out_dir: str | Path) -> "RunPaths":
+        return cls(Path(out_dir))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def semantic_ids(self) -> Path:
+        return self.root / "semantic_ids"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
+
+    @property
+    def export(self) -> Path:
+        return self.pretrain / "export"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def require(self, path: Path, producer: str) -> Path:
+        """Fail with the command that makes `path` when an earlier stage has not run."""
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run `onerec {producer}` with the same run.out_dir first")
+        return path
