@@ -1,0 +1,39 @@
+"""Bad input: a clear error naming file, line and field, or (on_bad_rows: skip) a counted skip."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+log = logging.getLogger("onerec.data")
+
+
+class DataError(ValueError):
+    """Input that cannot be used, located precisely: `file:line: field 'x': what was expected`."""
+
+    def __init__(self, file: str, line: int | str, field: str, message: str) -> None:
+        self.file, self.line, self.field = file, line, field
+        where = f"{file}:{line}" if line != "" else file
+        super().__init__(f"{where}: field '{field}': {message}")
+
+
+class BadRows:
+    """Applies `on_bad_rows`: raise at the first bad row ("error") or count it by reason ("skip")."""
+
+    def __init__(self, policy: str) -> None:
+        if policy not in ("error", "skip"):
+            raise ValueError(f"on_bad_rows={policy!r}: expected 'error' or 'skip'")
+        self.policy = policy
+        self.counts: Counter[str] = Counter()
+
+    def bad(self, reason: str, file: str, line: int | str, field: str, message: str) -> None:
+        if self.policy == "error":
+            raise DataError(file, line, field, message + " (set data.on_bad_rows=skip to drop such rows)")
+        self.counts[reason] += 1
+
+    def summary(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+    def log_summary(self) -> None:
+        for reason, count in self.summary().items():
+            log.warning("skipped %d bad row(s): %s", count, reason)

@@ -1,0 +1,97 @@
+"""A generic interaction log (CSV or Parquet) with a column mapping from DataConfig.
+
+Interactions: user_column, item_column, optional time_column (numeric; empty means file
+order is time order) and feedback_columns (numeric). Optional items_file with
+item_id_column and any text columns (named in data.text_fields). Parquet errors name
+the row (1-based) instead of the line.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from onerec.config import DataConfig
+from onerec.data.errors import BadRows, DataError
+from onerec.data.readers import parse_number, require_file
+from onerec.data.schema import RawItems, RawLog
+
+
+def _rows(path: Path, cfg: DataConfig, required: list[str]):
+    """(location, {column: str value}) for each row, plus a header check naming the missing column."""
+    if path.suffix == ".parquet" or cfg.format == "parquet":
+        table = pq.read_table(path)
+        if table.num_rows == 0:
+            raise DataError(path.name, "", "*", "the file has no rows")
+        missing = [c for c in required if c not in table.column_names]
+        if missing:
+            raise DataError(path.name, "header", missing[0], f"column not found; the file has {table.column_names}")
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        for i in range(table.num_rows):
+            yield f"row {i + 1}", {name: ("" if values[i] is None else str(values[i])) for name, values in columns.items()}
+        return
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter=cfg.csv_delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(path.name, 1, "*", "the file is empty")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(path.name, 1, missing[0], f"column not found in the header {header}")
+        for record in reader:
+            if not record or not any(field.strip() for field in record):
+                continue
+            if len(record) != len(header):
+                yield reader.line_num, None
+                continue
+            yield reader.line_num, dict(zip(header, record))
+
+
+def load_generic(root: Path, cfg: DataConfig, bad: BadRows) -> RawLog:
+    path = require_file(root / cfg.interactions_file, "interactions file")
+    required = [cfg.user_column, cfg.item_column] + ([cfg.time_column] if cfg.time_column else []) + list(cfg.feedback_columns)
+    users, items, times, lines = [], [], [], []
+    feedback = {name: [] for name in cfg.feedback_columns}
+    for position, (where, row) in enumerate(_rows(path, cfg, required)):
+        if row is None:
+            bad.bad("malformed line", path.name, where, "*", f"expected {len(required)}+ comma-separated fields")
+            continue
+        values = {}
+        for name in ([cfg.time_column] if cfg.time_column else []) + list(cfg.feedback_columns):
+            values[name] = parse_number(row[name], bad, path.name, where, name)
+        if any(v is None for v in values.values()):
+            continue
+        if not row[cfg.user_column].strip() or not row[cfg.item_column].strip():
+            field = cfg.user_column if not row[cfg.user_column].strip() else cfg.item_column
+            bad.bad("malformed line", path.name, where, field, "empty id")
+            continue
+        users.append(row[cfg.user_column].strip())
+        items.append(row[cfg.item_column].strip())
+        times.append(int(values[cfg.time_column]) if cfg.time_column else position)
+        for name in cfg.feedback_columns:
+            feedback[name].append(values[name])
+        lines.append(where if isinstance(where, int) else int(where.split()[1]))
+    log = RawLog(
+        users, items, np.asarray(times, dtype=np.int64),
+        {k: np.asarray(v, dtype=np.float32) for k, v in feedback.items()},
+        file=path.name, lines=np.asarray(lines, dtype=np.int64), has_time=bool(cfg.time_column),
+    )
+    if cfg.items_file:
+        item_path = require_file(root / cfg.items_file, "items file")
+        text_columns = [c for c in cfg.text_fields]
+        ids, fields, item_lines = [], {c: [] for c in text_columns}, []
+        for where, row in _rows(item_path, cfg, [cfg.item_id_column] + text_columns):
+            if row is None:
+                bad.bad("malformed line", item_path.name, where, "*", "wrong number of fields")
+                continue
+            ids.append(row[cfg.item_id_column].strip())
+            for column in text_columns:
+                fields[column].append(row[column])
+            item_lines.append(where if isinstance(where, int) else int(where.split()[1]))
+        if "title" not in fields:
+            fields["title"] = list(ids)
+        log.item_table = RawItems(ids, fields, item_path.name, item_lines)
+    return log

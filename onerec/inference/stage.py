@@ -1,0 +1,78 @@
+"""Stage `evaluate`: validation and test Recall/NDCG@K of the exported model, beside a
+popularity baseline computed in the same run, written to <out>/metrics.json.
+
+Full-catalogue ranking: the model's top-K comes from trie-constrained beam search over
+every item; the popularity baseline ranks every item by its training count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from onerec.config import RootConfig
+from onerec.data.splits import make_splits, training_item_counts
+from onerec.data.stage import load_prepared
+from onerec.distributed.deepspeed import resolve_device
+from onerec.export import load_export
+from onerec.inference.evaluate import evaluate_examples, evaluate_popularity
+from onerec.logging import write_json_atomic
+from onerec.paths import RunPaths
+
+log = logging.getLogger("onerec.evaluate")
+
+
+def main(cfg: RootConfig) -> dict:
+    started = time.perf_counter()
+    paths = RunPaths.of(cfg.run.out_dir)
+    device = resolve_device(cfg.run.device)
+    exported = load_export(paths.require(paths.export, "pretrain"), device)
+    prepared = load_prepared(paths.require(paths.data, "data"))
+    splits = make_splits(prepared.sequences, cfg.data)
+    codes_NL = exported.semantic_ids.codes.to(device)
+    use_user_token = exported.cfg.model.user_buckets > 0
+    counts_N = training_item_counts(prepared.sequences, cfg.data, len(exported.raw_ids))
+
+    metrics: dict = {"baselines": {"popularity": {}}}
+    for split in ("valid", "test"):
+        examples = splits[split]
+        metrics[split] = evaluate_examples(
+            exported.model,
+            examples.history,
+            examples.target[:, 0],
+            examples.user if use_user_token else None,
+            codes_NL,
+            exported.trie,
+            beam_width=cfg.eval.beam_width,
+            ks=list(cfg.eval.ks),
+            batch_size=cfg.eval.batch_size,
+            device=device,
+            desc=split,
+        )
+        metrics["baselines"]["popularity"][split] = evaluate_popularity(
+            torch.as_tensor(counts_N), torch.as_tensor(examples.target[:, 0]), list(cfg.eval.ks)
+        )
+        log.info("%s: %s", split, _fmt(metrics[split]))
+        log.info("%s popularity: %s", split, _fmt(metrics["baselines"]["popularity"][split]))
+
+    meta = prepared.meta
+    sid = exported.semantic_ids
+    metrics["data"] = {"users": meta["users"], "items": meta["items"], "interactions": meta["interactions"]}
+    metrics["semantic_ids"] = {
+        "levels": len(sid.codebook_sizes),
+        "semantic_levels": sid.semantic_levels,
+        "codebook_size": cfg.tokenizer.codebook_size,
+        "codebook_sizes": list(sid.codebook_sizes),
+        "collision_rate_before_dedup": sid.stats["collision_rate_before_dedup"],
+    }
+    metrics["wall_seconds"] = time.perf_counter() - started
+    write_json_atomic(paths.metrics, metrics)
+    log.info("wrote %s", paths.metrics)
+    return metrics
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in values.items())
+

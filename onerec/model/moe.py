@@ -1,0 +1,117 @@
+"""Sparse mixture-of-experts FFN: router, experts, and the dispatcher seam between them.
+
+Shape legend: T tokens (batch x positions, flattened), D model dim, F expert FFN dim,
+E experts, K experts per token, Tk = T * K routed copies.
+
+    x_TD -> Router -> (weights_TK, indices_TK, aux losses)
+         -> dispatcher.dispatch -> x_perm_TkD, tokens_per_expert_E   (grouped by expert)
+         -> Experts (each expert runs on its contiguous slice)
+         -> dispatcher.combine  -> y_TD
+
+Experts only ever see permuted tokens and tokens_per_expert, so expert parallelism is a
+different dispatcher (all-to-all across ranks), applied from outside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onerec.kernels.moe_routing import permute, topk_softmax_routing, unpermute
+
+
+@dataclass
+class RouterOutput:
+    weights_TK: torch.Tensor
+    indices_TK: torch.Tensor
+    aux_loss: torch.Tensor  # Switch/GShard load balancing: E * sum_e f_e * P_e (1.0 when balanced)
+    z_loss: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
+    load_E: torch.Tensor  # fraction of routed copies per expert (detached, for logging)
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.gate(x_TD).float()
+        weights_TK, indices_TK = topk_softmax_routing(logits_TE, self.top_k, normalize=True)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        # f_e: share of routed copies that went to e (not differentiable); P_e: mean router prob.
+        counts_E = torch.bincount(indices_TK.reshape(-1), minlength=self.num_experts).float()
+        fraction_E = counts_E / counts_E.sum().clamp(min=1)
+        aux_loss = self.num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+        z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+        return RouterOutput(weights_TK, indices_TK, aux_loss, z_loss, fraction_E.detach())
+
+
+@dataclass
+class DispatchHandle:
+    sorted_copy_ids_Tk: torch.Tensor
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """All experts live in this process: dispatch is a permutation, combine its inverse."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor):
+        x_perm_TkD, sorted_copy_ids_Tk, tokens_per_expert_E = permute(x_TD, indices_TK, self.num_experts)
+        return x_perm_TkD, tokens_per_expert_E, DispatchHandle(sorted_copy_ids_Tk, x_TD.shape[0])
+
+    def combine(self, y_perm_TkD: torch.Tensor, weights_TK: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        return unpermute(y_perm_TkD, handle.sorted_copy_ids_Tk, weights_TK, handle.num_tokens)
+
+
+class Experts(nn.Module):
+    """E GELU FFNs as stacked weights; expert e runs on rows [offset_e, offset_e + count_e)."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.dropout = nn.Dropout(dropout)
+        for e in range(num_experts):  # same init as an nn.Linear per expert
+            nn.init.kaiming_uniform_(self.w1_EDF.data[e].T, a=5**0.5)
+            nn.init.kaiming_uniform_(self.w2_EFD.data[e].T, a=5**0.5)
+
+    def forward(self, x_perm_TkD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        # A loop over experts with one host read of the counts per layer; the grouped GEMM
+        # (torch._grouped_mm / a Triton kernel) replaces this loop on GPU.
+        outputs = []
+        for e, chunk in enumerate(torch.split(x_perm_TkD, tokens_per_expert_E.tolist())):
+            if chunk.shape[0]:
+                hidden = self.dropout(F.gelu(chunk @ self.w1_EDF[e]))
+                outputs.append(hidden @ self.w2_EFD[e])
+            else:
+                outputs.append(chunk)
+        return torch.cat(outputs, dim=0)
+
+
+class MoEFeedForward(nn.Module):
+    """Drop-in FFN: returns (y, {"aux_loss", "z_loss", "load_E"})."""
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, dropout: float, dispatcher=None) -> None:
+        super().__init__()
+        self.router = Router(d_model, num_experts, top_k)
+        self.experts = Experts(num_experts, d_model, d_ff, dropout)
+        # Not a submodule: the distributed code swaps it for an all-to-all dispatcher.
+        self.dispatcher = dispatcher or LocalDispatcher(num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        routed = self.router(x_TD)
+        x_perm_TkD, tokens_per_expert_E, handle = self.dispatcher.dispatch(x_TD, routed.indices_TK)
+        y_perm_TkD = self.experts(x_perm_TkD, tokens_per_expert_E)
+        y_TD = self.dispatcher.combine(y_perm_TkD, routed.weights_TK.to(y_perm_TkD.dtype), handle)
+        aux = {"aux_loss": routed.aux_loss, "z_loss": routed.z_loss, "load_E": routed.load_E}
+        return y_TD.reshape(shape), aux

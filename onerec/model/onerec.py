@@ -1,0 +1,182 @@
+"""The OneRec encoder-decoder: history items in, the next session's semantic IDs out.
+
+Shape legend: B batch, S history length, M session items, L code levels (dedup level
+included), C codebook size (C_max over levels), D model dim, P decoder positions
+(M * (L + 1)), T generated codes so far.
+
+Encoder input (memory), one vector per history item, right-aligned:
+
+    [start(+user)] [item_1] ... [item_S]        item = sum_l code_emb[l, c_l] + pos_emb[s]
+
+Decoder input per session item m, teacher forced (OneRec section 3.2, TIGER section 3.2):
+
+    position:  m*(L+1)+0  m*(L+1)+1 ... m*(L+1)+L
+    input:     BOS        c_1       ... c_L
+    predicts:  c_1        c_2       ... (nothing: the next item's BOS is fixed)
+
+The output head is tied to the code embeddings of each level, so the logits at level l
+cover exactly that level's codebook; codes beyond a level's size are -inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from onerec.config import ModelConfig
+from onerec.model.layers import DecoderLayer, EncoderLayer, FeedForward
+from onerec.model.moe import MoEFeedForward
+
+
+@dataclass
+class EncoderMemory:
+    states_BSD: torch.Tensor
+    pad_BS: torch.Tensor  # True where the position is padding (never attended)
+
+    def repeat_beams(self, beam_width: int) -> "EncoderMemory":
+        """Rows b -> b*W .. b*W+W-1, so every beam of request b reads b's memory."""
+        return EncoderMemory(
+            self.states_BSD.repeat_interleave(beam_width, dim=0), self.pad_BS.repeat_interleave(beam_width, dim=0)
+        )
+
+
+@dataclass
+class ModelOutput:
+    logits_BMLC: torch.Tensor
+    aux_loss: torch.Tensor  # MoE load-balancing loss summed over layers, unweighted
+    z_loss: torch.Tensor  # router z-loss summed over layers, unweighted
+    expert_load: torch.Tensor  # [num_moe_layers, E] share of routed copies per expert
+
+
+def lookup_codes(items: torch.Tensor, codes_NL: torch.Tensor) -> torch.Tensor:
+    """item_index -> code tuple for any leading shape; item -1 gives an all -1 row."""
+    real = items >= 0
+    codes = codes_NL[items.clamp(min=0)]
+    return codes.masked_fill(~real.unsqueeze(-1), -1)
+
+
+class OneRecModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, codebook_sizes: list[int], max_history: int, session_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.codebook_sizes = list(codebook_sizes)
+        self.num_levels = L = len(codebook_sizes)
+        self.c_max = C = max(codebook_sizes)
+        self.max_history = max_history
+        self.session_len = session_len
+        D = cfg.d_model
+
+        self.register_buffer(
+            "code_mask_LC", torch.arange(C)[None, :] < torch.tensor(codebook_sizes)[:, None], persistent=False
+        )
+        self.code_emb = nn.Embedding(L * C, D)  # row l*C + c: code c at level l (shared enc/dec/head)
+        self.history_pos_emb = nn.Embedding(max_history, D)
+        self.memory_start = nn.Parameter(torch.zeros(D))
+        self.user_emb = nn.Embedding(cfg.user_buckets, D) if cfg.user_buckets > 0 else None
+        self.bos_emb = nn.Parameter(torch.zeros(D))
+        self.decoder_pos_emb = nn.Embedding(session_len * (L + 1), D)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(D, cfg.num_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.encoder_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(D)
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(D, cfg.num_heads, self._decoder_ffn(cfg), cfg.dropout) for _ in range(cfg.decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(D)
+        nn.init.normal_(self.code_emb.weight, std=D**-0.5)
+        nn.init.normal_(self.memory_start, std=D**-0.5)
+        nn.init.normal_(self.bos_emb, std=D**-0.5)
+
+    @staticmethod
+    def _decoder_ffn(cfg: ModelConfig) -> nn.Module:
+        if cfg.moe.enabled:
+            return MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.moe.num_experts, cfg.moe.top_k, cfg.dropout)
+        return FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+
+    # ---------------------------------------------------------------- helpers
+    def _embed_codes(self, codes_xL: torch.Tensor) -> torch.Tensor:
+        """Sum of per-level code embeddings; -1 codes contribute nothing."""
+        level_offset_L = torch.arange(self.num_levels, device=codes_xL.device) * self.c_max
+        rows = codes_xL.clamp(min=0) + level_offset_L
+        vectors = self.code_emb(rows) * (codes_xL >= 0).unsqueeze(-1)
+        return vectors.sum(dim=-2)
+
+    def _head(self, hidden_BMLD: torch.Tensor) -> torch.Tensor:
+        """Tied output head: level l's logits are dot products with level l's code embeddings."""
+        table_LCD = self.code_emb.weight.view(self.num_levels, self.c_max, -1)
+        logits = torch.einsum("bmld,lcd->bmlc", hidden_BMLD, table_LCD) * hidden_BMLD.shape[-1] ** -0.5
+        return logits.float().masked_fill(~self.code_mask_LC, float("-inf"))
+
+    # ---------------------------------------------------------------- encoder
+    def encode(self, history_codes_BSL: torch.Tensor, user_B: torch.Tensor | None = None) -> EncoderMemory:
+        B, S, _ = history_codes_BSL.shape
+        if S > self.max_history:
+            raise ValueError(f"history of {S} items exceeds model max_history={self.max_history}")
+        # Right-aligned histories: the most recent item always sits at the last position.
+        positions = torch.arange(self.max_history - S, self.max_history, device=history_codes_BSL.device)
+        items_BSD = self._embed_codes(history_codes_BSL) + self.history_pos_emb(positions)
+        start_BD = self.memory_start.expand(B, -1)
+        if self.user_emb is not None and user_B is not None:
+            start_BD = start_BD + self.user_emb(user_B % self.cfg.user_buckets)
+        x_BSD = self.dropout(torch.cat([start_BD.unsqueeze(1), items_BSD], dim=1))
+        # The start token is never padding, so a user with no history still attends to something.
+        pad_BS = torch.cat(
+            [torch.zeros(B, 1, dtype=torch.bool, device=x_BSD.device), (history_codes_BSL < 0).all(-1)], dim=1
+        )
+        allowed_B1S = ~pad_BS.unsqueeze(1)
+        for layer in self.encoder_layers:
+            x_BSD = layer(x_BSD, allowed_B1S)
+        return EncoderMemory(self.encoder_norm(x_BSD), pad_BS)
+
+    # ---------------------------------------------------------------- decoder
+    def _decoder_inputs(self, target_codes_BML: torch.Tensor) -> torch.Tensor:
+        """[BOS, c_1 .. c_L] per item, flattened to P = M * (L + 1) input vectors."""
+        B, M, L = target_codes_BML.shape
+        level_offset_L = torch.arange(L, device=target_codes_BML.device) * self.c_max
+        codes_BMLD = self.code_emb(target_codes_BML.clamp(min=0) + level_offset_L)
+        bos_BM1D = self.bos_emb.expand(B, M, 1, -1)
+        return torch.cat([bos_BM1D, codes_BMLD], dim=2).reshape(B, M * (L + 1), -1)
+
+    def _decode(self, inputs_BPD: torch.Tensor, memory: EncoderMemory) -> tuple[torch.Tensor, list[dict]]:
+        P = inputs_BPD.shape[1]
+        x_BPD = self.dropout(inputs_BPD + self.decoder_pos_emb(torch.arange(P, device=inputs_BPD.device)))
+        allowed_B1S = ~memory.pad_BS.unsqueeze(1)
+        aux = []
+        for layer in self.decoder_layers:
+            x_BPD, layer_aux = layer(x_BPD, memory.states_BSD, allowed_B1S)
+            if layer_aux is not None:
+                aux.append(layer_aux)
+        return self.decoder_norm(x_BPD), aux
+
+    def forward(
+        self, history_codes_BSL: torch.Tensor, target_codes_BML: torch.Tensor, user_B: torch.Tensor | None = None
+    ) -> ModelOutput:
+        memory = self.encode(history_codes_BSL, user_B)
+        B, M, L = target_codes_BML.shape
+        hidden_BPD, aux = self._decode(self._decoder_inputs(target_codes_BML), memory)
+        # positions m*(L+1) + l (l < L) predict code l of item m
+        hidden_BMLD = hidden_BPD.view(B, M, L + 1, -1)[:, :, :L]
+        zero = hidden_BPD.new_zeros((), dtype=torch.float32)
+        return ModelOutput(
+            logits_BMLC=self._head(hidden_BMLD),
+            aux_loss=sum((a["aux_loss"] for a in aux), zero),
+            z_loss=sum((a["z_loss"] for a in aux), zero),
+            expert_load=torch.stack([a["load_E"] for a in aux]) if aux else hidden_BPD.new_zeros(0),
+        )
+
+    def decode_step(self, memory: EncoderMemory, generated_BT: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C_max] for code number T (item T // L, level T % L) given the T codes so far."""
+        B, T = generated_BT.shape
+        L = self.num_levels
+        item, level = divmod(T, L)
+        if item >= self.session_len:
+            raise ValueError(f"cannot decode item {item + 1}: the model was trained for {self.session_len}-item sessions")
+        padded_BN = torch.cat([generated_BT, generated_BT.new_zeros(B, (item + 1) * L - T)], dim=1)
+        inputs_BPD = self._decoder_inputs(padded_BN.view(B, item + 1, L))[:, : item * (L + 1) + level + 1]
+        hidden_BPD, _ = self._decode(inputs_BPD, memory)
+        logits_B11C = self._head(hidden_BPD[:, -1:].unsqueeze(2).expand(-1, -1, L, -1))
+        return logits_B11C[:, 0, level]

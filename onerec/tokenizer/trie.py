@@ -1,0 +1,98 @@
+"""The prefix trie of valid semantic-ID tuples, as flat tensors.
+
+Shape legend: N items, L code levels, Nn trie nodes, Bm max children of any node.
+
+Following STATIC ("Vectorizing the Trie", arXiv 2602.22647), each node's children are a
+fixed-width row, so one decoding step gathers `child_tokens[states]` for every beam at
+once with no per-beam Python work:
+
+    node 0 = root (depth 0); nodes are numbered depth by depth in lexicographic order
+    child_tokens[n] = [code of child 0, code of child 1, ..., -1 padding]   (ascending codes)
+    child_nodes[n]  = [node id of child 0, ...,                 -1 padding]
+    node_item[n]    = item_index when n is a complete tuple (depth L), else -1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Trie:
+    child_tokens: torch.Tensor  # [Nn, Bm] int64
+    child_nodes: torch.Tensor  # [Nn, Bm] int64
+    node_item: torch.Tensor  # [Nn] int64
+    depth: int
+    codebook_sizes: list[int]
+
+    def to(self, device) -> "Trie":
+        return Trie(
+            self.child_tokens.to(device),
+            self.child_nodes.to(device),
+            self.node_item.to(device),
+            self.depth,
+            list(self.codebook_sizes),
+        )
+
+    def num_items(self) -> int:
+        return int((self.node_item >= 0).sum())
+
+    @property
+    def num_nodes(self) -> int:
+        return self.child_tokens.shape[0]
+
+
+def build_trie(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> Trie:
+    """Vectorised build: sort tuples lexicographically, number each depth's distinct prefixes."""
+    codes = codes_NL.detach().cpu().numpy().astype(np.int64)
+    N, L = codes.shape
+    if N == 0:
+        raise ValueError("cannot build a trie over an empty catalogue")
+    if len(codebook_sizes) != L:
+        raise ValueError(f"{len(codebook_sizes)} codebook sizes for {L} code levels")
+    if (codes < 0).any() or (codes >= np.asarray(codebook_sizes)).any():
+        raise ValueError("codes must lie in [0, codebook_size) at every level")
+    order = np.lexsort(codes.T[::-1])  # primary key: level 0
+    rows = codes[order]
+    same_as_previous = np.zeros((N, L + 1), dtype=bool)  # [:, d]: prefix of length d equals previous row's
+    same_as_previous[1:, 0] = True
+    same_as_previous[1:, 1:] = np.cumprod(rows[1:] == rows[:-1], axis=1).astype(bool)
+    if same_as_previous[:, L].any():
+        dup = order[np.flatnonzero(same_as_previous[:, L])[0]]
+        raise ValueError(f"item {dup} shares its full code tuple with another item: add the dedup level first")
+
+    parent_ids, tokens = [], []
+    prefix_node_N = np.zeros(N, dtype=np.int64)  # node of each row's prefix at the previous depth
+    next_id = 1
+    for d in range(1, L + 1):
+        new_N = ~same_as_previous[:, d]
+        node_N = next_id + np.cumsum(new_N) - 1
+        parent_ids.append(prefix_node_N[new_N])
+        tokens.append(rows[new_N, d - 1])
+        next_id += int(new_N.sum())
+        prefix_node_N = node_N
+    leaf_node_N = prefix_node_N
+
+    parent = np.concatenate(parent_ids)  # parent of node 1, 2, ... (already grouped by parent, codes ascending)
+    token = np.concatenate(tokens)
+    num_nodes = next_id
+    child_count = np.bincount(parent, minlength=num_nodes)
+    first_child = np.concatenate([[0], np.cumsum(child_count)[:-1]])
+    slot = np.arange(len(parent)) - first_child[parent]
+    width = int(child_count.max())
+    child_tokens = np.full((num_nodes, width), -1, dtype=np.int64)
+    child_nodes = np.full((num_nodes, width), -1, dtype=np.int64)
+    child_tokens[parent, slot] = token
+    child_nodes[parent, slot] = np.arange(1, num_nodes)
+    node_item = np.full(num_nodes, -1, dtype=np.int64)
+    node_item[leaf_node_N] = order
+    return Trie(
+        torch.from_numpy(child_tokens),
+        torch.from_numpy(child_nodes),
+        torch.from_numpy(node_item),
+        L,
+        list(codebook_sizes),
+    )

@@ -1,0 +1,121 @@
+"""Stage `pretrain`: next-token training of the encoder-decoder on users' next sessions.
+
+Reads <out>/data and <out>/semantic_ids, writes <out>/pretrain/{checkpoints, best, export}.
+The export is built from the best validation checkpoint (NDCG@10), as the protocol asks.
+
+Shape legend: B batch, S history length, M session items, L code levels, N items.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onerec.config import RootConfig, to_dict
+from onerec.data.splits import make_splits
+from onerec.data.stage import load_prepared
+from onerec.distributed.deepspeed import init_distributed
+from onerec.export import build_model, export_model
+from onerec.inference.evaluate import evaluate_examples
+from onerec.logging import RunLogger
+from onerec.model.onerec import lookup_codes
+from onerec.paths import RunPaths
+from onerec.tokenizer.semantic_ids import SemanticIds
+from onerec.tokenizer.trie import build_trie
+from onerec.train.losses import next_token_loss
+from onerec.train.trainer import Trainer
+
+log = logging.getLogger("onerec.pretrain")
+
+
+def validation_subset(num_users: int, max_users: int, seed: int) -> np.ndarray:
+    """A fixed random subset of validation rows for cheap in-training evaluation (all when max_users <= 0)."""
+    if max_users <= 0 or num_users <= max_users:
+        return np.arange(num_users)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_users, size=max_users, replace=False))
+
+
+def main(cfg: RootConfig) -> Path:
+    paths = RunPaths.of(cfg.run.out_dir)
+    dist_info = init_distributed(cfg.run.device)
+    device = dist_info.device
+    torch.manual_seed(cfg.run.seed)
+
+    prepared = load_prepared(paths.require(paths.data, "data"))
+    semantic_ids = SemanticIds.load(paths.require(paths.semantic_ids, "tokenize"))
+    splits = make_splits(prepared.sequences, cfg.data)
+    train, valid = splits["train"], splits["valid"]
+    log.info("training examples: %d, validation users: %d", len(train), len(valid))
+
+    codes_NL = semantic_ids.codes.to(device)
+    trie = build_trie(semantic_ids.codes, list(semantic_ids.codebook_sizes)).to(device)
+    model = build_model(cfg, semantic_ids).to(device)
+    log.info("model parameters: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
+
+    history_NS = torch.as_tensor(train.history, device=device)
+    target_NM = torch.as_tensor(train.target, device=device)
+    user_N = torch.as_tensor(train.user, device=device)
+    use_user_token = cfg.model.user_buckets > 0
+    moe = cfg.model.moe
+
+    def step_fn(engine, indices: torch.Tensor):
+        indices = indices.to(device)
+        history_codes_BSL = lookup_codes(history_NS[indices], codes_NL)
+        target_codes_BML = lookup_codes(target_NM[indices], codes_NL)
+        output = engine(history_codes_BSL, target_codes_BML, user_N[indices] if use_user_token else None)
+        ntp, _ = next_token_loss(
+            output.logits_BMLC, target_codes_BML, model.code_mask_LC, cfg.train.label_smoothing
+        )
+        loss = ntp + moe.aux_loss_weight * output.aux_loss + moe.z_loss_weight * output.z_loss
+        return loss, {"ntp_loss": ntp.detach().item(), "aux_loss": output.aux_loss.detach().item()}
+
+    rows = validation_subset(len(valid), cfg.eval.max_valid_users, cfg.run.seed)
+
+    def eval_fn() -> dict[str, float]:
+        return evaluate_examples(
+            model,
+            valid.history[rows],
+            valid.target[rows, 0],
+            valid.user[rows] if use_user_token else None,
+            codes_NL,
+            trie,
+            beam_width=cfg.eval.beam_width,
+            ks=list(cfg.eval.ks),
+            batch_size=cfg.eval.batch_size,
+            device=device,
+            desc="valid",
+        )
+
+    config_dict = to_dict(cfg)
+    run_logger = RunLogger(cfg.logging, paths.root, "pretrain", config_dict, rank=dist_info.rank)
+    try:
+        trainer = Trainer(
+            cfg.train,
+            model,
+            num_examples=len(train),
+            step_fn=step_fn,
+            stage_dir=paths.pretrain,
+            dist_info=dist_info,
+            run_logger=run_logger,
+            config_dict=config_dict,
+            seed=cfg.run.seed,
+            eval_fn=eval_fn,
+        )
+        result = trainer.fit()
+        run_logger.summary({"best_valid_ndcg@10": result.best_metric, "best_step": result.best_step})
+    finally:
+        run_logger.close()
+    log.info(
+        "pretraining done: %d steps, best valid NDCG@10 %.4f at step %d", result.steps, result.best_metric, result.best_step
+    )
+    if dist_info.is_main:
+        assert result.best_weights is not None, "training ran at least one evaluation"
+        items = prepared.items
+        export_model(paths.export, result.best_weights, cfg, semantic_ids, list(items["raw_id"]), list(items["title"]))
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+    return paths.pretrain
