@@ -74,6 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         _stage_main(args.command)(cfg)
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("ONEREC_DEBUG") == "1":  # full traceback for bug reports
+            raise
         logging.getLogger("onerec").error("%s", err)
         return 2
 

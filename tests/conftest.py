@@ -12,3 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ONEREC_NO_PROGRESS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# Test tensors are tiny: one thread avoids OpenMP stalls when the 2-core machine is shared,
+# and keeps float reductions in a fixed order.
+torch.set_num_threads(1)

@@ -25,6 +25,8 @@ from onerec.kernels.moe_routing import permute, topk_softmax_routing, unpermute
 
 @dataclass
 class RouterOutput:
+    """Top-k choice per token plus the two router regularisers (unweighted)."""
+
     weights_TK: torch.Tensor
     indices_TK: torch.Tensor
     aux_loss: torch.Tensor  # Switch/GShard load balancing: E * sum_e f_e * P_e (1.0 when balanced)
@@ -33,6 +35,8 @@ class RouterOutput:
 
 
 class Router(nn.Module):
+    """Linear D -> E, softmax, top-k with the k weights renormalised (OneRec uses top-2 of 24)."""
+
     def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -53,7 +57,9 @@ class Router(nn.Module):
 
 @dataclass
 class DispatchHandle:
-    sorted_copy_ids_Tk: torch.Tensor
+    """What combine() needs to undo dispatch(): the copy order and the token count."""
+
+    sorted_token_ids_Tk: torch.Tensor  # copy id t * K + k of each permuted row
     num_tokens: int
 
 
@@ -63,12 +69,16 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor):
-        x_perm_TkD, sorted_copy_ids_Tk, tokens_per_expert_E = permute(x_TD, indices_TK, self.num_experts)
-        return x_perm_TkD, tokens_per_expert_E, DispatchHandle(sorted_copy_ids_Tk, x_TD.shape[0])
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
+        """(x_perm_TkD grouped by expert, tokens_per_expert_E, handle for combine)."""
+        x_perm_TkD, sorted_token_ids_Tk, tokens_per_expert_E = permute(x_TD, topk_idx_TK, self.num_experts)
+        return x_perm_TkD, tokens_per_expert_E, DispatchHandle(sorted_token_ids_Tk, x_TD.shape[0])
 
-    def combine(self, y_perm_TkD: torch.Tensor, weights_TK: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        return unpermute(y_perm_TkD, handle.sorted_copy_ids_Tk, weights_TK, handle.num_tokens)
+    def combine(self, y_perm_TkD: torch.Tensor, topk_weight_TK: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """y_TD = sum_k topk_weight[t, k] * expert output of token t's k-th copy."""
+        return unpermute(y_perm_TkD, handle.sorted_token_ids_Tk, topk_weight_TK, handle.num_tokens)
 
 
 class Experts(nn.Module):
@@ -84,8 +94,9 @@ class Experts(nn.Module):
             nn.init.kaiming_uniform_(self.w2_EFD.data[e].T, a=5**0.5)
 
     def forward(self, x_perm_TkD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        # A loop over experts with one host read of the counts per layer; the grouped GEMM
-        # (torch._grouped_mm / a Triton kernel) replaces this loop on GPU.
+        # A loop over experts with one host read of the counts per layer. The grouped GEMM
+        # goes here (torch._grouped_mm / a Triton kernel over the same contiguous slices,
+        # no host sync) and replaces this loop on GPU.
         outputs = []
         for e, chunk in enumerate(torch.split(x_perm_TkD, tokens_per_expert_E.tolist())):
             if chunk.shape[0]:
@@ -97,10 +108,17 @@ class Experts(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Drop-in FFN: returns (y, {"aux_loss", "z_loss", "load_E"})."""
+    """Drop-in sparse FFN: forward(x[..., D]) -> (y[..., D], {"aux_loss", "z_loss", "load_E"}).
+
+    aux_loss and z_loss are unweighted scalars; load_E is the detached share of routed copies
+    per expert. `dispatcher` (default LocalDispatcher) is swapped from outside for expert
+    parallelism; it must offer dispatch(x_TD, topk_idx_TK) and combine(y_perm_TkD, topk_weight_TK, handle).
+    """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, dropout: float, dispatcher=None) -> None:
         super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoE top_k={top_k}: expected 1..num_experts ({num_experts})")
         self.router = Router(d_model, num_experts, top_k)
         self.experts = Experts(num_experts, d_model, d_ff, dropout)
         # Not a submodule: the distributed code swaps it for an all-to-all dispatcher.

@@ -50,16 +50,22 @@ class ModelOutput:
     expert_load: torch.Tensor  # [num_moe_layers, E] share of routed copies per expert
 
 
-def lookup_codes(items: torch.Tensor, codes_NL: torch.Tensor) -> torch.Tensor:
-    """item_index -> code tuple for any leading shape; item -1 gives an all -1 row."""
-    real = items >= 0
-    codes = codes_NL[items.clamp(min=0)]
-    return codes.masked_fill(~real.unsqueeze(-1), -1)
+def lookup_codes(items_BS: torch.Tensor, codes_NL: torch.Tensor) -> torch.Tensor:
+    """item_index -> code tuple, [B, S] -> [B, S, L] (any leading shape); item -1 gives an all -1 row."""
+    real_BS = items_BS >= 0
+    codes_BSL = codes_NL[items_BS.clamp(min=0)]
+    return codes_BSL.masked_fill(~real_BS.unsqueeze(-1), -1)
 
 
 class OneRecModel(nn.Module):
+    """Encoder over the history, decoder over the session's codes; see the module docstring."""
+
     def __init__(self, cfg: ModelConfig, codebook_sizes: list[int], max_history: int, session_len: int) -> None:
         super().__init__()
+        if not codebook_sizes or min(codebook_sizes) < 1:
+            raise ValueError(f"codebook_sizes={list(codebook_sizes)}: expected one size >= 1 per code level")
+        if max_history < 1 or session_len < 1:
+            raise ValueError(f"max_history={max_history} and session_len={session_len} must both be >= 1")
         self.cfg = cfg
         self.codebook_sizes = list(codebook_sizes)
         self.num_levels = L = len(codebook_sizes)
@@ -112,10 +118,25 @@ class OneRecModel(nn.Module):
         return logits.float().masked_fill(~self.code_mask_LC, float("-inf"))
 
     # ---------------------------------------------------------------- encoder
+    def _check_codes(self, name: str, codes: torch.Tensor) -> None:
+        # Shape only: a value check would cost a host sync per call on GPU.
+        if codes.dim() != 3 or codes.shape[-1] != self.num_levels:
+            raise ValueError(
+                f"{name} must be int64 [batch, items, {self.num_levels}] (one code per level), "
+                f"got shape {tuple(codes.shape)}"
+            )
+        if codes.dtype != torch.long:
+            raise ValueError(f"{name} must be int64 codes, got {codes.dtype}")
+
     def encode(self, history_codes_BSL: torch.Tensor, user_B: torch.Tensor | None = None) -> EncoderMemory:
+        """Encoder states over [start(+user)] + history; user_B is used only when cfg.user_buckets > 0."""
+        self._check_codes("history_codes_BSL", history_codes_BSL)
         B, S, _ = history_codes_BSL.shape
         if S > self.max_history:
-            raise ValueError(f"history of {S} items exceeds model max_history={self.max_history}")
+            raise ValueError(
+                f"history of {S} items exceeds the model's max_history={self.max_history} "
+                "(keep the most recent items, or build the model with a larger data.max_history)"
+            )
         # Right-aligned histories: the most recent item always sits at the last position.
         positions = torch.arange(self.max_history - S, self.max_history, device=history_codes_BSL.device)
         items_BSD = self._embed_codes(history_codes_BSL) + self.history_pos_emb(positions)
@@ -155,8 +176,12 @@ class OneRecModel(nn.Module):
     def forward(
         self, history_codes_BSL: torch.Tensor, target_codes_BML: torch.Tensor, user_B: torch.Tensor | None = None
     ) -> ModelOutput:
-        memory = self.encode(history_codes_BSL, user_B)
+        """Teacher-forced logits for every target code of the session (see the module docstring)."""
+        self._check_codes("target_codes_BML", target_codes_BML)
         B, M, L = target_codes_BML.shape
+        if M > self.session_len:
+            raise ValueError(f"target session of {M} items exceeds the model's session_len={self.session_len}")
+        memory = self.encode(history_codes_BSL, user_B)
         hidden_BPD, aux = self._decode(self._decoder_inputs(target_codes_BML), memory)
         # positions m*(L+1) + l (l < L) predict code l of item m
         hidden_BMLD = hidden_BPD.view(B, M, L + 1, -1)[:, :, :L]
@@ -165,18 +190,30 @@ class OneRecModel(nn.Module):
             logits_BMLC=self._head(hidden_BMLD),
             aux_loss=sum((a["aux_loss"] for a in aux), zero),
             z_loss=sum((a["z_loss"] for a in aux), zero),
-            expert_load=torch.stack([a["load_E"] for a in aux]) if aux else hidden_BPD.new_zeros(0),
+            expert_load=torch.stack([a["load_E"] for a in aux]) if aux else hidden_BPD.new_zeros(0, 0),
         )
 
     def decode_step(self, memory: EncoderMemory, generated_BT: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C_max] for code number T (item T // L, level T % L) given the T codes so far."""
+        """Logits [B, C_max] for code number T (item T // L, level T % L) given the T codes so far.
+
+        Recomputes the decoder over the whole prefix (no KV cache): the same math as forward(),
+        so the logits match it exactly; a cache is a later optimisation.
+        """
+        if generated_BT.dim() != 2 or generated_BT.shape[0] != memory.states_BSD.shape[0]:
+            raise ValueError(
+                f"generated_BT must be [B, T] with B={memory.states_BSD.shape[0]} (the memory's rows), "
+                f"got shape {tuple(generated_BT.shape)}"
+            )
         B, T = generated_BT.shape
         L = self.num_levels
         item, level = divmod(T, L)
         if item >= self.session_len:
-            raise ValueError(f"cannot decode item {item + 1}: the model was trained for {self.session_len}-item sessions")
+            raise ValueError(f"cannot decode item {item + 1}: the model was built for {self.session_len}-item sessions")
+        # Pad the partial item with dummy codes to reuse _decoder_inputs, then cut the inputs
+        # right after the last real one: position item*(L+1) + level predicts code `level`.
         padded_BN = torch.cat([generated_BT, generated_BT.new_zeros(B, (item + 1) * L - T)], dim=1)
         inputs_BPD = self._decoder_inputs(padded_BN.view(B, item + 1, L))[:, : item * (L + 1) + level + 1]
         hidden_BPD, _ = self._decode(inputs_BPD, memory)
-        logits_B11C = self._head(hidden_BPD[:, -1:].unsqueeze(2).expand(-1, -1, L, -1))
-        return logits_B11C[:, 0, level]
+        table_CD = self.code_emb.weight.view(L, self.c_max, -1)[level]
+        logits_BC = (hidden_BPD[:, -1] @ table_CD.T) * hidden_BPD.shape[-1] ** -0.5
+        return logits_BC.float().masked_fill(~self.code_mask_LC[level], float("-inf"))

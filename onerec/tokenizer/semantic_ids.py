@@ -3,7 +3,13 @@ and the codebook statistics that tell whether the quantiser used its codes well.
 
 Shape legend: N items, L code levels.
 
-    item i -> (c_1, ..., c_L_sem, dedup)     dedup numbers the items sharing (c_1..c_L_sem): 0, 1, 2, ...
+    item i -> (c_1, ..., c_Ls, dedup)     dedup numbers the items sharing (c_1..c_Ls): 0, 1, 2, ...
+                                          (TIGER appends such a code; OneRec's balanced k-means
+                                          keeps the groups small)
+
+On disk (`SemanticIds.save`):
+    <dir>/codes.safetensors    {"codes": [N, L] int64}
+    <dir>/semantic_ids.json    {"codebook_sizes", "semantic_levels", "stats"}
 """
 
 from __future__ import annotations
@@ -21,78 +27,120 @@ from safetensors.torch import load_file, save_file
 
 CODES_FILE = "codes.safetensors"
 META_FILE = "semantic_ids.json"
+CACHE_DIR = "cache"  # the tokenize stage's embedding cache lives here and survives a re-save
+
+
+def _check_codes(codes_NL: torch.Tensor) -> None:
+    if codes_NL.dim() != 2 or codes_NL.shape[0] == 0 or codes_NL.shape[1] == 0:
+        raise ValueError(f"expected codes of shape [N, L] with N, L >= 1, got {tuple(codes_NL.shape)}")
+    if codes_NL.is_floating_point() or codes_NL.dtype == torch.bool:
+        raise ValueError(f"expected integer codes, got {codes_NL.dtype}")
 
 
 @dataclass
 class SemanticIds:
     codes: torch.Tensor  # [N, L] int64; row i is item_index i; L includes the dedup level when present
-    codebook_sizes: list[int]
+    codebook_sizes: list[int]  # per level; the dedup level's size = the most items sharing one prefix
     semantic_levels: int  # levels before dedup
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # codebook_stats of the pre-dedup codes
+
+    def __post_init__(self) -> None:
+        _check_codes(self.codes)
+        L = self.codes.shape[1]
+        if len(self.codebook_sizes) != L:
+            raise ValueError(f"{len(self.codebook_sizes)} codebook sizes for codes with {L} levels")
+        if not 1 <= self.semantic_levels <= L:
+            raise ValueError(f"semantic_levels={self.semantic_levels}: expected 1..{L}")
+
+    @property
+    def num_items(self) -> int:
+        return int(self.codes.shape[0])
 
     def save(self, directory: Path) -> None:
         """Write atomically: a temporary sibling directory renamed into place."""
         directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({"codes": self.codes.contiguous()}, str(tmp / CODES_FILE))
-        meta = {"codebook_sizes": self.codebook_sizes, "semantic_levels": self.semantic_levels, "stats": self.stats}
+        tmp.mkdir()
+        save_file({"codes": self.codes.to(torch.int64).cpu().contiguous()}, str(tmp / CODES_FILE))
+        meta = {
+            "codebook_sizes": [int(s) for s in self.codebook_sizes],
+            "semantic_levels": int(self.semantic_levels),
+            "stats": self.stats,
+        }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        keep = directory / "cache"
+        keep = directory / CACHE_DIR
         if keep.is_dir():  # the embedding cache survives a re-run
-            shutil.move(str(keep), str(tmp / "cache"))
+            shutil.move(str(keep), str(tmp / CACHE_DIR))
         if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)  # two renames: the window without `directory` is tiny
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
 
     @classmethod
     def load(cls, directory: Path) -> "SemanticIds":
         directory = Path(directory)
-        if not (directory / META_FILE).is_file():
-            raise FileNotFoundError(f"{directory}: no {META_FILE}; run `onerec tokenize` first")
+        if not (directory / META_FILE).is_file() or not (directory / CODES_FILE).is_file():
+            raise FileNotFoundError(f"{directory}: no {META_FILE} / {CODES_FILE}; run `onerec tokenize` first")
         meta = json.loads((directory / META_FILE).read_text())
         codes = load_file(str(directory / CODES_FILE))["codes"]
-        return cls(codes, list(meta["codebook_sizes"]), int(meta["semantic_levels"]), meta.get("stats", {}))
+        return cls(codes, [int(s) for s in meta["codebook_sizes"]], int(meta["semantic_levels"]), meta.get("stats", {}))
 
 
 def add_dedup_level(codes_NL: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Append a level numbering the items that share a tuple (0, 1, ... in item order).
 
-    Returns (codes_N(L+1), dedup_size) where dedup_size = the largest group (>= 1).
+    Returns (codes_N(L+1) int64, dedup_size) where dedup_size = the largest group (>= 1),
+    i.e. the codebook size the dedup level needs.
     """
-    codes = codes_NL.cpu().numpy()
+    _check_codes(codes_NL)
+    codes = codes_NL.cpu().numpy().astype(np.int64)
     _, group_N, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     group_N = group_N.reshape(-1)
+    # Stable sort by group keeps item order inside a group: rank in group = position - group start.
     order = np.argsort(group_N, kind="stable")
-    first_in_group = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    dedup = np.empty(len(codes), dtype=np.int64)
-    dedup[order] = np.arange(len(codes)) - first_in_group[group_N[order]]
-    out = torch.cat([codes_NL.cpu(), torch.from_numpy(dedup).unsqueeze(1)], dim=1)
-    return out, int(counts.max())
+    group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    dedup_N = np.empty(len(codes), dtype=np.int64)
+    dedup_N[order] = np.arange(len(codes)) - group_start[group_N[order]]
+    out_NL = torch.from_numpy(np.concatenate([codes, dedup_N[:, None]], axis=1))
+    return out_NL, int(counts.max())
 
 
 def codebook_stats(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> dict:
-    """Per level: utilisation (used codes / size), entropy (bits) and perplexity of code usage.
+    """Statistics of the semantic (pre-dedup) codes.
 
-    collision_rate_before_dedup: share of items whose full tuple is shared with at least
-    one other item (0 = the quantiser alone already identifies every item).
+    per_level[l]: utilization = distinct codes used / codebook size; entropy (bits) of the
+        code usage distribution; perplexity = 2 ** entropy (the effective number of codes).
+    collision_rate_before_dedup: fraction of items whose full tuple is shared with at least
+        one other item (0 = the quantiser alone already tells every item apart).
+    max_items_per_tuple: the largest group of items sharing one tuple (the dedup size).
+    unique_tuples, max_entropy_bits (log2 of each codebook size): for reading the above.
     """
-    codes = codes_NL.cpu().numpy()
+    _check_codes(codes_NL)
+    codes = codes_NL.cpu().numpy().astype(np.int64)
+    if len(codebook_sizes) != codes.shape[1]:
+        raise ValueError(f"{len(codebook_sizes)} codebook sizes for codes with {codes.shape[1]} levels")
+    if (codes < 0).any() or (codes >= np.asarray(codebook_sizes)).any():
+        raise ValueError(f"codes must lie in [0, codebook_size) at every level; sizes {list(codebook_sizes)}")
     per_level = []
     for level, size in enumerate(codebook_sizes):
         counts = np.bincount(codes[:, level], minlength=size)
         p = counts[counts > 0] / counts.sum()
-        entropy = float(-(p * np.log2(p)).sum())
+        entropy = float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
         per_level.append(
-            {"utilization": float((counts > 0).sum() / size), "entropy": entropy, "perplexity": float(2**entropy)}
+            {"utilization": float((counts > 0).sum() / size), "entropy": entropy, "perplexity": float(2.0**entropy)}
         )
-    _, counts = np.unique(codes, axis=0, return_counts=True)
-    collided = int(counts[counts > 1].sum())
+    _, tuple_counts = np.unique(codes, axis=0, return_counts=True)
+    collided = int(tuple_counts[tuple_counts > 1].sum())
     return {
         "per_level": per_level,
         "collision_rate_before_dedup": collided / len(codes),
-        "max_items_per_tuple": int(counts.max()),
-        "unique_tuples": int(len(counts)),
+        "max_items_per_tuple": int(tuple_counts.max()),
+        "unique_tuples": int(len(tuple_counts)),
         "max_entropy_bits": [math.log2(s) for s in codebook_sizes],
     }

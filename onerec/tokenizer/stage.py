@@ -1,54 +1,89 @@
 """Stage `tokenize`: item text -> embeddings -> balanced residual k-means -> dedup -> SemanticIds.
 
-Reads <out>/data/items, writes <out>/semantic_ids/ (codes, per-level statistics, and the
-embedding cache so a re-run with the same texts skips the encoder).
+Reads <out>/data/items (HF dataset: item_index 0..N-1 in order, raw_id, title, text) and
+writes <out>/semantic_ids/ atomically: codes, per-level statistics, and the embedding
+cache (cache/embeddings.safetensors) so a re-run with the same texts skips the encoder.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from onerec.config import RootConfig
 from onerec.distributed.deepspeed import resolve_device
 from onerec.paths import RunPaths
 from onerec.tokenizer.embed import embed_texts
 from onerec.tokenizer.rq_kmeans import residual_kmeans
-from onerec.tokenizer.semantic_ids import SemanticIds, add_dedup_level, codebook_stats
+from onerec.tokenizer.semantic_ids import CACHE_DIR, SemanticIds, add_dedup_level, codebook_stats
 
 log = logging.getLogger("onerec.tokenizer")
+
+
+def _read_item_texts(items_dir: Path) -> list[str]:
+    items = datasets.load_from_disk(str(items_dir))
+    missing = {"item_index", "text"} - set(items.column_names)
+    if missing:
+        raise ValueError(f"{items_dir}: missing column(s) {sorted(missing)}; re-run `onerec data`")
+    index_N = np.asarray(items["item_index"])
+    if not np.array_equal(index_N, np.arange(len(items))):
+        raise ValueError(f"{items_dir}: item_index must be 0..N-1 in row order; re-run `onerec data`")
+    texts = [text if text is not None else "" for text in items["text"]]
+    empty = sum(1 for text in texts if not text.strip())
+    if empty:
+        log.warning("%d of %d items have no text; they are embedded from the empty string", empty, len(texts))
+    return texts
 
 
 def main(cfg: RootConfig) -> Path:
     paths = RunPaths.of(cfg.run.out_dir)
     tok = cfg.tokenizer
-    items = datasets.load_from_disk(str(paths.require(paths.data, "data") / "items"))
-    texts = list(items["text"])
+    texts = _read_item_texts(paths.require(paths.data, "data") / "items")
+    if len(texts) < tok.codebook_size:
+        # Balanced k-means needs at least one item per code (OneRec: |V| / K items per cluster).
+        raise ValueError(
+            f"the catalogue has {len(texts)} items, fewer than tokenizer.codebook_size={tok.codebook_size}: "
+            f"set tokenizer.codebook_size to at most {len(texts)} (e.g. tokenizer.codebook_size={_suggest(len(texts))})"
+        )
     device = resolve_device(cfg.run.device)
-    embeddings = embed_texts(
-        texts, tok.encoder, tok.embed_batch_size, paths.semantic_ids / "cache" / "embeddings.safetensors", str(device)
-    )
-    log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings.shape[1])
-    codes_NL, _ = residual_kmeans(embeddings, tok.levels, tok.codebook_size, tok.kmeans_iters, cfg.run.seed, device)
+    started = time.perf_counter()
+    cache_path = paths.semantic_ids / CACHE_DIR / "embeddings.safetensors"
+    embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
+    log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
+
+    codes_NL, _ = residual_kmeans(embeddings_ND, tok.levels, tok.codebook_size, tok.kmeans_iters, cfg.run.seed, device)
     sizes = [tok.codebook_size] * tok.levels
     stats = codebook_stats(codes_NL, sizes)
     for level, values in enumerate(stats["per_level"]):
         log.info(
-            "level %d: utilization %.3f, entropy %.2f bits (max %.2f)",
-            level, values["utilization"], values["entropy"], stats["max_entropy_bits"][level],
+            "level %d: utilization %.3f, entropy %.2f bits (max %.2f), perplexity %.1f",
+            level, values["utilization"], values["entropy"], stats["max_entropy_bits"][level], values["perplexity"],
         )
-    log.info("collision rate before dedup: %.4f", stats["collision_rate_before_dedup"])
+    log.info(
+        "collision rate before dedup: %.4f (%d unique tuples for %d items, at most %d items per tuple)",
+        stats["collision_rate_before_dedup"], stats["unique_tuples"], len(texts), stats["max_items_per_tuple"],
+    )
     if tok.dedup:
         codes_NL, dedup_size = add_dedup_level(codes_NL)
         sizes = sizes + [dedup_size]
         log.info("dedup level: %d codes", dedup_size)
     elif stats["collision_rate_before_dedup"] > 0:
         raise ValueError(
-            f"{stats['collision_rate_before_dedup']:.2%} of items share a code tuple with another item; "
-            "set tokenizer.dedup=true or use more levels / a larger codebook"
+            f"{stats['collision_rate_before_dedup']:.2%} of items share a code tuple with another item, so the "
+            "model could not tell them apart: set tokenizer.dedup=true, or raise tokenizer.levels / codebook_size"
         )
-    semantic_ids = SemanticIds(codes_NL, sizes, tok.levels, stats)
-    semantic_ids.save(paths.semantic_ids)
+    SemanticIds(codes_NL, sizes, tok.levels, stats).save(paths.semantic_ids)
+    log.info("semantic IDs %s written to %s in %.1fs", sizes, paths.semantic_ids, time.perf_counter() - started)
     return paths.semantic_ids
+
+
+def _suggest(num_items: int) -> int:
+    """The largest power of two that leaves each code at least ~8 items (and at least 2 codes)."""
+    size = 2
+    while size * 2 * 8 <= num_items:
+        size *= 2
+    return size

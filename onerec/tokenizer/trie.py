@@ -46,11 +46,21 @@ class Trie:
 
 
 def build_trie(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> Trie:
-    """Vectorised build: sort tuples lexicographically, number each depth's distinct prefixes."""
+    """Vectorised build: sort tuples lexicographically, number each depth's distinct prefixes.
+
+    Rows must be distinct full tuples (run `add_dedup_level` first); row i's leaf maps to item i.
+
+        sorted rows      same_as_previous[:, 1..3] (prefix of length d repeats the row above)
+        (0, 1, 0)        F F F   -> new nodes at depths 1, 2, 3
+        (0, 2, 0)        T F F   -> new nodes at depths 2, 3 (parent: the depth-1 node above)
+        (0, 2, 1)        T T F   -> new node at depth 3
+    """
+    if codes_NL.dim() != 2 or codes_NL.is_floating_point() or codes_NL.dtype == torch.bool:
+        raise ValueError(f"expected integer codes of shape [N, L], got {codes_NL.dtype} {tuple(codes_NL.shape)}")
     codes = codes_NL.detach().cpu().numpy().astype(np.int64)
     N, L = codes.shape
-    if N == 0:
-        raise ValueError("cannot build a trie over an empty catalogue")
+    if N == 0 or L == 0:
+        raise ValueError(f"cannot build a trie over codes of shape {tuple(codes.shape)}: need N, L >= 1")
     if len(codebook_sizes) != L:
         raise ValueError(f"{len(codebook_sizes)} codebook sizes for {L} code levels")
     if (codes < 0).any() or (codes >= np.asarray(codebook_sizes)).any():
@@ -58,7 +68,7 @@ def build_trie(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> Trie:
     order = np.lexsort(codes.T[::-1])  # primary key: level 0
     rows = codes[order]
     same_as_previous = np.zeros((N, L + 1), dtype=bool)  # [:, d]: prefix of length d equals previous row's
-    same_as_previous[1:, 0] = True
+    same_as_previous[1:, 0] = True  # the empty prefix (root) is shared by all
     same_as_previous[1:, 1:] = np.cumprod(rows[1:] == rows[:-1], axis=1).astype(bool)
     if same_as_previous[:, L].any():
         dup = order[np.flatnonzero(same_as_previous[:, L])[0]]

@@ -1,0 +1,122 @@
+"""The flat-tensor prefix trie (STATIC, "Vectorizing the Trie")."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onerec.tokenizer.semantic_ids import add_dedup_level
+from onerec.tokenizer.trie import Trie, build_trie
+
+
+def _walk(trie: Trie, row: list[int]) -> int:
+    node = 0
+    for code in row:
+        tokens = trie.child_tokens[node].tolist()
+        assert code in tokens, f"code {code} missing under node {node}"
+        node = int(trie.child_nodes[node, tokens.index(code)])
+    return node
+
+
+def _all_paths(trie: Trie) -> list[tuple[tuple[int, ...], int]]:
+    """Every root-to-depth-L path and the node_item at its end (depth-first over the padded rows)."""
+    out, stack = [], [(0, ())]
+    while stack:
+        node, prefix = stack.pop()
+        if len(prefix) == trie.depth:
+            out.append((prefix, int(trie.node_item[node])))
+            continue
+        for token, child in zip(trie.child_tokens[node].tolist(), trie.child_nodes[node].tolist()):
+            if token >= 0:
+                stack.append((child, prefix + (token,)))
+    return out
+
+
+CODES = torch.tensor([[0, 2, 0], [0, 2, 1], [0, 1, 0], [3, 0, 0], [1, 1, 0]])
+
+
+def test_every_item_is_walkable_to_its_own_leaf():
+    trie = build_trie(CODES, [4, 3, 2])
+    assert trie.depth == 3 and trie.codebook_sizes == [4, 3, 2]
+    assert trie.num_items() == 5
+    for item, row in enumerate(CODES.tolist()):
+        assert int(trie.node_item[_walk(trie, row)]) == item
+
+
+def test_every_path_is_a_real_item():
+    trie = build_trie(CODES, [4, 3, 2])
+    paths = _all_paths(trie)
+    assert sorted(paths) == sorted((tuple(r), i) for i, r in enumerate(CODES.tolist()))
+
+
+def test_layout_children_sorted_padding_branch_width_and_single_child():
+    trie = build_trie(CODES, [4, 3, 2])
+    # Distinct prefixes: root, depth 1 {0, 1, 3}, depth 2 {(0,1), (0,2), (1,1), (3,0)}, 5 leaves.
+    assert trie.num_nodes == 1 + 3 + 4 + 5
+    assert trie.child_tokens.shape == trie.child_nodes.shape == (13, 3)  # B_max = 3 (the root)
+    assert trie.child_tokens.dtype == trie.child_nodes.dtype == trie.node_item.dtype == torch.int64
+    assert trie.child_tokens[0].tolist() == [0, 1, 3]
+    node_3 = int(trie.child_nodes[0, 2])  # prefix (3,) has exactly one child, code 0
+    assert trie.child_tokens[node_3].tolist() == [0, -1, -1]
+    assert trie.child_nodes[node_3, 1:].tolist() == [-1, -1]
+    # Padding is aligned in both tables and children are ascending in every row.
+    assert torch.equal(trie.child_tokens < 0, trie.child_nodes < 0)
+    for row in trie.child_tokens.tolist():
+        real = [t for t in row if t >= 0]
+        assert real == sorted(real) and row == real + [-1] * (len(row) - len(real))
+    # Only leaves carry items, and leaves have no children.
+    leaves = trie.node_item >= 0
+    assert int(leaves.sum()) == 5
+    assert bool((trie.child_tokens[leaves] == -1).all())
+
+
+def test_a_single_item_is_a_chain():
+    trie = build_trie(torch.tensor([[2, 1]]), [3, 2])
+    assert trie.child_tokens.shape == (3, 1)
+    assert _all_paths(trie) == [((2, 1), 0)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(0, 3), min_size=3, max_size=3), min_size=1, max_size=60),
+)
+def test_random_catalogues_round_trip_through_the_trie(rows):
+    codes, dedup_size = add_dedup_level(torch.tensor(rows))
+    trie = build_trie(codes, [4, 4, 4, dedup_size])
+    assert trie.num_items() == len(rows)
+    for item, row in enumerate(codes.tolist()):
+        assert int(trie.node_item[_walk(trie, row)]) == item
+    assert sorted(item for _, item in _all_paths(trie)) == list(range(len(rows)))
+    # B_max is the widest node's number of distinct children.
+    widths = (trie.child_tokens >= 0).sum(1)
+    assert int(widths.max()) == trie.child_tokens.shape[1]
+
+
+def test_duplicate_tuples_ask_for_the_dedup_level():
+    with pytest.raises(ValueError, match="dedup"):
+        build_trie(torch.tensor([[0, 1], [1, 0], [0, 1]]), [2, 2])
+
+
+@pytest.mark.parametrize(
+    "codes, sizes, match",
+    [
+        (torch.tensor([[0, 2]]), [2, 2], r"\[0, codebook_size\)"),
+        (torch.tensor([[0, -1]]), [2, 2], r"\[0, codebook_size\)"),
+        (torch.tensor([[0, 1]]), [2], "1 codebook sizes for 2"),
+        (torch.zeros(0, 2, dtype=torch.long), [2, 2], "N, L >= 1"),
+        (torch.tensor([[0.0, 1.0]]), [2, 2], "integer"),
+    ],
+)
+def test_bad_codes_are_rejected(codes, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        build_trie(codes, sizes)
+
+
+def test_to_moves_every_table_and_keeps_metadata():
+    trie = build_trie(CODES, [4, 3, 2])
+    moved = trie.to("cpu")
+    assert moved.depth == 3 and moved.codebook_sizes == [4, 3, 2]
+    assert torch.equal(moved.child_nodes, trie.child_nodes) and torch.equal(moved.node_item, trie.node_item)
+    if torch.cuda.is_available():
+        on_gpu = trie.to("cuda")
+        assert on_gpu.child_tokens.is_cuda and on_gpu.child_nodes.is_cuda and on_gpu.node_item.is_cuda
