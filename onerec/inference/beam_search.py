@@ -1,12 +1,14 @@
 """Trie-constrained beam search: every beam is always a prefix of a real item's code tuple.
 
-Shape legend: B requests, W beams per request, N = B * W, S history length, L code
-levels, C codebook size, T codes generated so far.
+Shape legend: B requests, W beams per request, N = B * W beam rows, S history length,
+L code levels, C codebook size (C_max), T codes generated so far.
 
 The encoder runs once per request; each of the L steps runs the decoder for all N beams,
-then one `constrained_beam_step` (log-softmax, valid children only, top W per request)
-and a gather that reorders the generated prefixes by parent. Returned items are distinct:
-each complete path ends at its own leaf, one leaf per item, and beams never share a path.
+then one `constrained_beam_step` (log-softmax, valid trie children only, top W per request)
+and a gather that reorders the generated prefixes by parent:
+
+    step t:  generated_NT --decode_step--> logits_NC --beam step--> tokens_N, parents_N
+             generated_N(T+1) = cat(generated_NT[parents_N], tokens_N)
 """
 
 from __future__ import annotations
@@ -22,32 +24,64 @@ from onerec.tokenizer.trie import Trie
 @dataclass
 class BeamSearchOutput:
     items_BW: torch.Tensor  # int64 item_index, -1 for dead beams
-    scores_BW: torch.Tensor  # float32 sum of log-probs, -inf for dead beams; sorted descending
-    codes_BWL: torch.Tensor  # the generated code tuples
+    scores_BW: torch.Tensor  # float32 sum of per-level log-probs, -inf for dead beams; sorted descending
+    codes_BWL: torch.Tensor  # int64 code tuple of each beam's item, all -1 for dead beams
+
+
+def model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
+    """The device of the model's first parameter or buffer (fallback for a model with neither)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return fallback
 
 
 @torch.inference_mode()
 def constrained_beam_search(
     model, history_codes_BSL: torch.Tensor, trie: Trie, beam_width: int, user_B: torch.Tensor | None = None
 ) -> BeamSearchOutput:
-    B = history_codes_BSL.shape[0]
-    W = beam_width
-    device = history_codes_BSL.device
+    """Top-`beam_width` items per request by beam search restricted to the trie.
+
+    Runs on the model's device, in whatever train/eval mode the caller left the model
+    (call `model.eval()` first for deterministic results).
+    """
+    if beam_width < 1:
+        raise ValueError(f"beam_width={beam_width}: expected >= 1")
+    if history_codes_BSL.dim() != 3 or history_codes_BSL.shape[-1] != trie.depth:
+        raise ValueError(
+            f"history_codes_BSL must be [batch, history, {trie.depth}] (the trie has {trie.depth} code levels), "
+            f"got shape {tuple(history_codes_BSL.shape)}"
+        )
+    device = model_device(model, history_codes_BSL.device)
+    B, W, L = history_codes_BSL.shape[0], beam_width, trie.depth
+    N = B * W
+    trie = trie.to(device)
+    history_codes_BSL = history_codes_BSL.to(device)
+    user_B = None if user_B is None else user_B.to(device)
+
     memory = model.encode(history_codes_BSL, user_B).repeat_beams(W)
-    # All beams start at the root; only beam 0 is alive so the first step has no duplicates.
-    scores_N = torch.full((B * W,), float("-inf"), device=device)
+    # Every beam starts at the root, but only beam 0 of each request is alive: W live copies
+    # of the root would each expand to the same children and fill the beam with duplicates.
+    scores_N = torch.full((N,), float("-inf"), device=device)
     scores_N[::W] = 0.0
-    states_N = torch.zeros(B * W, dtype=torch.long, device=device)
-    generated_NT = torch.zeros(B * W, 0, dtype=torch.long, device=device)
-    for _ in range(trie.depth):
-        logits_NC = model.decode_step(memory, generated_NT)
+    states_N = torch.zeros(N, dtype=torch.long, device=device)
+    generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
+    for _ in range(L):
+        # Dead beams carry -1 tokens; feed them as code 0 (their logits are never used).
+        logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
         tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
             logits_NC, scores_N, states_N, trie.child_tokens, trie.child_nodes, W
         )
         generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
-    items_N = torch.where(states_N >= 0, trie.node_item[states_N.clamp(min=0)], -1)
+
+    # After L steps each live beam sits on a leaf. Items are distinct by construction: each
+    # leaf is exactly one item, and two beams never share a path (a beam's children are
+    # distinct trie nodes and every step keeps each (parent, child) candidate at most once).
+    live_N = states_N >= 0
+    items_N = torch.where(live_N, trie.node_item[states_N.clamp(min=0)], -1)
+    codes_NL = generated_NT.masked_fill(~live_N.unsqueeze(1), -1)
+    # The step returns each request's beams sorted by score, dead ones last, so the output is sorted.
     return BeamSearchOutput(
-        items_BW=items_N.view(B, W),
-        scores_BW=scores_N.view(B, W),
-        codes_BWL=generated_NT.view(B, W, trie.depth),
+        items_BW=items_N.view(B, W), scores_BW=scores_N.view(B, W), codes_BWL=codes_NL.view(B, W, L)
     )

@@ -1,6 +1,6 @@
 """Evaluation drivers: the model's top-K by constrained beam search, and the popularity baseline.
 
-Shape legend: B users in a batch, S history length, N items, L code levels, W beam width.
+Shape legend: B users in a batch, S history length, N items, L code levels, W beam width, K cutoff.
 """
 
 from __future__ import annotations
@@ -27,36 +27,75 @@ def evaluate_examples(
     ks: list[int],
     batch_size: int,
     device: torch.device | str,
+    max_users: int = 0,
     desc: str = "eval",
 ) -> dict[str, float]:
-    """Recall/NDCG@K of the top-K beams for each (history, held-out target) row."""
-    history_BS = torch.as_tensor(history_BS)
-    target_B = torch.as_tensor(target_B)
-    user_B = None if user_B is None else torch.as_tensor(user_B)
+    """Recall/NDCG@K of the top-K beams for each (history, held-out target) row.
+
+    history_BS holds item indices, right-aligned with -1 padding on the left. max_users > 0
+    evaluates only the first max_users rows (0: all). The model is put in eval mode and its
+    previous mode restored afterwards; it must already be on `device`.
+    """
+    history_BS = torch.as_tensor(history_BS).long()
+    target_B = torch.as_tensor(target_B).long()
+    user_B = None if user_B is None else torch.as_tensor(user_B).long()
+    if history_BS.dim() != 2 or target_B.dim() != 1 or len(history_BS) != len(target_B):
+        raise ValueError(
+            f"expected history [users, S] and target [users], got {tuple(history_BS.shape)} and {tuple(target_B.shape)}"
+        )
+    if user_B is not None and user_B.shape != target_B.shape:
+        raise ValueError(f"user_B must be [users]={len(target_B)}, got {tuple(user_B.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    accumulator = MetricAccumulator(ks)
+    top_k = accumulator.ks[-1]
+    if beam_width < top_k:
+        raise ValueError(f"beam_width={beam_width} must be >= the largest K in ks ({top_k})")
+    if max_users < 0:
+        raise ValueError(f"max_users={max_users}: expected >= 0 (0 means every user)")
+    if max_users:
+        history_BS, target_B = history_BS[:max_users], target_B[:max_users]
+        user_B = None if user_B is None else user_B[:max_users]
+
+    device = torch.device(device)
     codes_NL = item_codes_NL.to(device)
+    trie = trie.to(device)  # once, not per batch
     was_training = model.training
     model.eval()
-    accumulator = MetricAccumulator(ks)
-    starts = range(0, len(target_B), batch_size)
-    for start in tqdm(starts, desc=desc, disable=progress_disabled(), leave=False, dynamic_ncols=True):
-        rows = slice(start, start + batch_size)
-        history_codes = lookup_codes(history_BS[rows].to(device), codes_NL)
-        users = None if user_B is None else user_B[rows].to(device)
-        output = constrained_beam_search(model, history_codes, trie, beam_width, user_B=users)
-        accumulator.update(output.items_BW[:, : max(ks)].cpu(), target_B[rows])
-    model.train(was_training)
+    try:
+        starts = range(0, len(target_B), batch_size)
+        for start in tqdm(starts, desc=desc, disable=progress_disabled(), leave=False, dynamic_ncols=True):
+            rows = slice(start, start + batch_size)
+            history_codes_BSL = lookup_codes(history_BS[rows].to(device), codes_NL)
+            users = None if user_B is None else user_B[rows].to(device)
+            output = constrained_beam_search(model, history_codes_BSL, trie, beam_width, user_B=users)
+            accumulator.update(output.items_BW[:, :top_k].cpu(), target_B[rows])
+    finally:
+        model.train(was_training)
     return accumulator.compute()
 
 
-def popularity_ranking(train_item_counts_N: torch.Tensor, k: int) -> torch.Tensor:
-    """The k most frequent training items; ties go to the lower item_index."""
-    counts = torch.as_tensor(train_item_counts_N)
-    order = torch.sort(-counts, stable=True).indices
-    return order[:k]
+def popularity_ranking(train_item_counts_N: np.ndarray | torch.Tensor, k: int) -> torch.Tensor:
+    """LongTensor[k]: the k most frequent training items, ties to the lower item_index.
+
+    When the catalogue has fewer than k items the list is padded with -1 (never a hit).
+    """
+    if k < 1:
+        raise ValueError(f"k={k}: expected >= 1")
+    counts_N = torch.as_tensor(train_item_counts_N)
+    if counts_N.dim() != 1:
+        raise ValueError(f"train_item_counts_N must be 1-D [num_items], got shape {tuple(counts_N.shape)}")
+    # A stable ascending sort of -count keeps equal counts in item_index order.
+    order_N = torch.sort(-counts_N.double(), stable=True).indices[:k]
+    return torch.cat([order_N, torch.full((k - len(order_N),), -1, dtype=torch.long)])
 
 
-def evaluate_popularity(train_item_counts_N: torch.Tensor, target_B: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    top = popularity_ranking(train_item_counts_N, max(ks))
+def evaluate_popularity(
+    train_item_counts_N: np.ndarray | torch.Tensor, target_B: np.ndarray | torch.Tensor, ks: list[int]
+) -> dict[str, float]:
+    """Recall/NDCG@K when every user gets the same list: the catalogue ranked by training count."""
+    target_B = torch.as_tensor(target_B).long()
     accumulator = MetricAccumulator(ks)
-    accumulator.update(top.unsqueeze(0).expand(len(target_B), -1), torch.as_tensor(target_B))
+    ranked_K = popularity_ranking(train_item_counts_N, accumulator.ks[-1])
+    accumulator.update(ranked_K.unsqueeze(0).expand(len(target_B), -1), target_B)
     return accumulator.compute()
