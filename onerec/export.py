@@ -32,6 +32,7 @@ def build_model(cfg: RootConfig, semantic_ids: SemanticIds) -> OneRecModel:
         codebook_sizes=list(semantic_ids.codebook_sizes),
         max_history=cfg.data.max_history,
         session_len=cfg.data.session_len,
+        num_items=int(semantic_ids.codes.shape[0]),
     )
 
 

@@ -31,6 +31,10 @@ class RunPaths:
         return self.pretrain / "export"
 
     @property
+    def baselines(self) -> Path:
+        return self.root / "baselines"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 

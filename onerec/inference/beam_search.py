@@ -39,7 +39,12 @@ def model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device
 
 @torch.inference_mode()
 def constrained_beam_search(
-    model, history_codes_BSL: torch.Tensor, trie: Trie, beam_width: int, user_B: torch.Tensor | None = None
+    model,
+    history_codes_BSL: torch.Tensor,
+    trie: Trie,
+    beam_width: int,
+    user_B: torch.Tensor | None = None,
+    history_items_BS: torch.Tensor | None = None,
 ) -> BeamSearchOutput:
     """Top-`beam_width` items per request by beam search restricted to the trie.
 
@@ -59,8 +64,9 @@ def constrained_beam_search(
     trie = trie.to(device)
     history_codes_BSL = history_codes_BSL.to(device)
     user_B = None if user_B is None else user_B.to(device)
+    history_items_BS = None if history_items_BS is None else history_items_BS.to(device)
 
-    memory = model.encode(history_codes_BSL, user_B).repeat_beams(W)
+    memory = model.encode(history_codes_BSL, user_B, history_items_BS).repeat_beams(W)
     # Every beam starts at the root, but only beam 0 of each request is alive: W live copies
     # of the root would each expand to the same children and fill the beam with duplicates.
     scores_N = torch.full((N,), float("-inf"), device=device)

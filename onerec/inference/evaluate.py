@@ -66,9 +66,12 @@ def evaluate_examples(
         starts = range(0, len(target_B), batch_size)
         for start in tqdm(starts, desc=desc, disable=progress_disabled(), leave=False, dynamic_ncols=True):
             rows = slice(start, start + batch_size)
-            history_codes_BSL = lookup_codes(history_BS[rows].to(device), codes_NL)
+            history_items_BS = history_BS[rows].to(device)
+            history_codes_BSL = lookup_codes(history_items_BS, codes_NL)
             users = None if user_B is None else user_B[rows].to(device)
-            output = constrained_beam_search(model, history_codes_BSL, trie, beam_width, user_B=users)
+            output = constrained_beam_search(
+                model, history_codes_BSL, trie, beam_width, user_B=users, history_items_BS=history_items_BS
+            )
             accumulator.update(output.items_BW[:, :top_k].cpu(), target_B[rows])
     finally:
         model.train(was_training)

@@ -48,7 +48,9 @@ def recommend(
     user_B = None
     if exported.cfg.model.user_buckets > 0:
         user_B = torch.tensor([user if user is not None else 0], device=model_device)
-    output = constrained_beam_search(exported.model, history_codes, exported.trie, beam_width, user_B=user_B)
+    output = constrained_beam_search(
+        exported.model, history_codes, exported.trie, beam_width, user_B=user_B, history_items_BS=history_1S.to(model_device)
+    )
     results = []
     for rank, (item, score) in enumerate(zip(output.items_BW[0].tolist(), output.scores_BW[0].tolist())):
         if item < 0 or len(results) == top_k:

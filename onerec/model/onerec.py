@@ -6,7 +6,11 @@ included), C codebook size (C_max over levels), D model dim, P decoder positions
 
 Encoder input (memory), one vector per history item, right-aligned:
 
-    [start(+user)] [item_1] ... [item_S]        item = sum_l code_emb[l, c_l] + pos_emb[s]
+    [start(+user)] [item_1] ... [item_S]        item = sum_l code_emb[l, c_l] (+ id_emb[item]) + pos_emb[s]
+
+The optional item-ID embedding (model.item_id_embedding) adds a free vector per item to the
+history side only, as OneRec's encoder reads sparse ID features beside the semantic ones; the
+decoder and its output stay purely semantic, so generation is unchanged.
 
 Decoder input per session item m, teacher forced (OneRec section 3.2, TIGER section 3.2):
 
@@ -60,12 +64,16 @@ def lookup_codes(items_BS: torch.Tensor, codes_NL: torch.Tensor) -> torch.Tensor
 class OneRecModel(nn.Module):
     """Encoder over the history, decoder over the session's codes; see the module docstring."""
 
-    def __init__(self, cfg: ModelConfig, codebook_sizes: list[int], max_history: int, session_len: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, codebook_sizes: list[int], max_history: int, session_len: int, num_items: int = 0
+    ) -> None:
         super().__init__()
         if not codebook_sizes or min(codebook_sizes) < 1:
             raise ValueError(f"codebook_sizes={list(codebook_sizes)}: expected one size >= 1 per code level")
         if max_history < 1 or session_len < 1:
             raise ValueError(f"max_history={max_history} and session_len={session_len} must both be >= 1")
+        if cfg.item_id_embedding and num_items < 1:
+            raise ValueError("model.item_id_embedding needs the catalogue size: pass num_items >= 1")
         self.cfg = cfg
         self.codebook_sizes = list(codebook_sizes)
         self.num_levels = L = len(codebook_sizes)
@@ -81,6 +89,7 @@ class OneRecModel(nn.Module):
         self.history_pos_emb = nn.Embedding(max_history, D)
         self.memory_start = nn.Parameter(torch.zeros(D))
         self.user_emb = nn.Embedding(cfg.user_buckets, D) if cfg.user_buckets > 0 else None
+        self.item_emb = nn.Embedding(num_items, D) if cfg.item_id_embedding else None
         self.bos_emb = nn.Parameter(torch.zeros(D))
         self.decoder_pos_emb = nn.Embedding(session_len * (L + 1), D)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -93,7 +102,14 @@ class OneRecModel(nn.Module):
             DecoderLayer(D, cfg.num_heads, self._decoder_ffn(cfg), cfg.dropout) for _ in range(cfg.decoder_layers)
         )
         self.decoder_norm = nn.LayerNorm(D)
-        nn.init.normal_(self.code_emb.weight, std=D**-0.5)
+        # Every input vector starts at norm ~1 (std D^-0.5 per entry): positions must not drown
+        # the codes (nn.Embedding's default std 1 would make them 11x louder at D=128), and the
+        # tied head then starts with unit-scale logits (LayerNorm'd hidden of norm sqrt(D) . e).
+        for table in (self.code_emb.weight, self.history_pos_emb.weight, self.decoder_pos_emb.weight):
+            nn.init.normal_(table, std=D**-0.5)
+        for extra in (self.user_emb, self.item_emb):
+            if extra is not None:
+                nn.init.normal_(extra.weight, std=D**-0.5)
         nn.init.normal_(self.memory_start, std=D**-0.5)
         nn.init.normal_(self.bos_emb, std=D**-0.5)
 
@@ -114,7 +130,7 @@ class OneRecModel(nn.Module):
     def _head(self, hidden_BMLD: torch.Tensor) -> torch.Tensor:
         """Tied output head: level l's logits are dot products with level l's code embeddings."""
         table_LCD = self.code_emb.weight.view(self.num_levels, self.c_max, -1)
-        logits = torch.einsum("bmld,lcd->bmlc", hidden_BMLD, table_LCD) * hidden_BMLD.shape[-1] ** -0.5
+        logits = torch.einsum("bmld,lcd->bmlc", hidden_BMLD, table_LCD)
         return logits.float().masked_fill(~self.code_mask_LC, float("-inf"))
 
     # ---------------------------------------------------------------- encoder
@@ -128,10 +144,22 @@ class OneRecModel(nn.Module):
         if codes.dtype != torch.long:
             raise ValueError(f"{name} must be int64 codes, got {codes.dtype}")
 
-    def encode(self, history_codes_BSL: torch.Tensor, user_B: torch.Tensor | None = None) -> EncoderMemory:
-        """Encoder states over [start(+user)] + history; user_B is used only when cfg.user_buckets > 0."""
+    def encode(
+        self,
+        history_codes_BSL: torch.Tensor,
+        user_B: torch.Tensor | None = None,
+        history_items_BS: torch.Tensor | None = None,
+    ) -> EncoderMemory:
+        """Encoder states over [start(+user)] + history.
+
+        user_B is used only when cfg.user_buckets > 0; history_items_BS (item indices, -1 for
+        padding, aligned with the codes) is required when cfg.item_id_embedding is on.
+        """
         self._check_codes("history_codes_BSL", history_codes_BSL)
         B, S, _ = history_codes_BSL.shape
+        if self.item_emb is not None and (history_items_BS is None or history_items_BS.shape != (B, S)):
+            got = None if history_items_BS is None else tuple(history_items_BS.shape)
+            raise ValueError(f"model.item_id_embedding is on: pass history_items_BS of shape {(B, S)}, got {got}")
         if S > self.max_history:
             raise ValueError(
                 f"history of {S} items exceeds the model's max_history={self.max_history} "
@@ -140,6 +168,9 @@ class OneRecModel(nn.Module):
         # Right-aligned histories: the most recent item always sits at the last position.
         positions = torch.arange(self.max_history - S, self.max_history, device=history_codes_BSL.device)
         items_BSD = self._embed_codes(history_codes_BSL) + self.history_pos_emb(positions)
+        if self.item_emb is not None:
+            real_BS1 = (history_items_BS >= 0).unsqueeze(-1)
+            items_BSD = items_BSD + self.item_emb(history_items_BS.clamp(min=0)) * real_BS1
         start_BD = self.memory_start.expand(B, -1)
         if self.user_emb is not None and user_B is not None:
             start_BD = start_BD + self.user_emb(user_B % self.cfg.user_buckets)
@@ -174,14 +205,18 @@ class OneRecModel(nn.Module):
         return self.decoder_norm(x_BPD), aux
 
     def forward(
-        self, history_codes_BSL: torch.Tensor, target_codes_BML: torch.Tensor, user_B: torch.Tensor | None = None
+        self,
+        history_codes_BSL: torch.Tensor,
+        target_codes_BML: torch.Tensor,
+        user_B: torch.Tensor | None = None,
+        history_items_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Teacher-forced logits for every target code of the session (see the module docstring)."""
         self._check_codes("target_codes_BML", target_codes_BML)
         B, M, L = target_codes_BML.shape
         if M > self.session_len:
             raise ValueError(f"target session of {M} items exceeds the model's session_len={self.session_len}")
-        memory = self.encode(history_codes_BSL, user_B)
+        memory = self.encode(history_codes_BSL, user_B, history_items_BS)
         hidden_BPD, aux = self._decode(self._decoder_inputs(target_codes_BML), memory)
         # positions m*(L+1) + l (l < L) predict code l of item m
         hidden_BMLD = hidden_BPD.view(B, M, L + 1, -1)[:, :, :L]
@@ -215,5 +250,5 @@ class OneRecModel(nn.Module):
         inputs_BPD = self._decoder_inputs(padded_BN.view(B, item + 1, L))[:, : item * (L + 1) + level + 1]
         hidden_BPD, _ = self._decode(inputs_BPD, memory)
         table_CD = self.code_emb.weight.view(L, self.c_max, -1)[level]
-        logits_BC = (hidden_BPD[:, -1] @ table_CD.T) * hidden_BPD.shape[-1] ** -0.5
+        logits_BC = hidden_BPD[:, -1] @ table_CD.T
         return logits_BC.float().masked_fill(~self.code_mask_LC[level], float("-inf"))

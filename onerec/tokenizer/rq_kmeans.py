@@ -91,7 +91,7 @@ def balanced_assign(x_ND: torch.Tensor, centroids_KD: torch.Tensor) -> torch.Ten
     return assign_N
 
 
-def _kmeans_plus_plus(x_ND: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans_plus_plus(x_ND: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): spread initial centroids over the data."""
     N = x_ND.shape[0]
     norm_N = x_ND.pow(2).sum(1)
@@ -114,7 +114,7 @@ def _kmeans_plus_plus(x_ND: torch.Tensor, k: int, generator: torch.Generator) ->
     return x_ND[torch.tensor(chosen, device=x_ND.device)].clone()
 
 
-def _centroid_means(x_ND: torch.Tensor, assign_N: torch.Tensor, k: int) -> torch.Tensor:
+def centroid_means(x_ND: torch.Tensor, assign_N: torch.Tensor, k: int) -> torch.Tensor:
     counts_K = torch.bincount(assign_N, minlength=k).clamp(min=1).unsqueeze(1)
     if not x_ND.is_cuda:
         sums_KD = torch.zeros(k, x_ND.shape[1], dtype=x_ND.dtype, device=x_ND.device).index_add_(0, assign_N, x_ND)
@@ -149,15 +149,15 @@ def balanced_kmeans(
         )
     if iters < 0:
         raise ValueError(f"iters={iters}: expected >= 0")
-    centroids_KD = _kmeans_plus_plus(x_ND, k, generator)
+    centroids_KD = kmeans_plus_plus(x_ND, k, generator)
     assign_N = balanced_assign(x_ND, centroids_KD)
     for _ in range(iters):
-        centroids_KD = _centroid_means(x_ND, assign_N, k)
+        centroids_KD = centroid_means(x_ND, assign_N, k)
         new_assign_N = balanced_assign(x_ND, centroids_KD)
         if torch.equal(new_assign_N, assign_N):
             break
         assign_N = new_assign_N
-    return assign_N, _centroid_means(x_ND, assign_N, k)
+    return assign_N, centroid_means(x_ND, assign_N, k)
 
 
 def residual_kmeans(

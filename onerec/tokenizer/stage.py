@@ -1,4 +1,6 @@
-"""Stage `tokenize`: item text -> embeddings -> balanced residual k-means -> dedup -> SemanticIds.
+"""Stage `tokenize`: item text -> embeddings -> quantiser -> dedup -> SemanticIds.
+
+The quantiser is `tokenizer.method`: balanced residual k-means (OneRec) or an RQ-VAE (TIGER).
 
 Reads <out>/data/items (HF dataset: item_index 0..N-1 in order, raw_id, title, text) and
 writes <out>/semantic_ids/ atomically: codes, per-level statistics, and the embedding
@@ -19,6 +21,7 @@ from onerec.distributed.deepspeed import resolve_device
 from onerec.paths import RunPaths
 from onerec.tokenizer.embed import embed_texts
 from onerec.tokenizer.rq_kmeans import residual_kmeans
+from onerec.tokenizer.rq_vae import train_rq_vae
 from onerec.tokenizer.semantic_ids import CACHE_DIR, SemanticIds, add_dedup_level, codebook_stats
 
 log = logging.getLogger("onerec.tokenizer")
@@ -55,9 +58,18 @@ def main(cfg: RootConfig) -> Path:
     embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
     log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
 
-    codes_NL, _ = residual_kmeans(embeddings_ND, tok.levels, tok.codebook_size, tok.kmeans_iters, cfg.run.seed, device)
+    if tok.method == "rq_vae":
+        codes_NL, training = train_rq_vae(embeddings_ND, tok.levels, tok.codebook_size, tok.rq_vae, cfg.run.seed, device)
+    else:
+        codes_NL, _ = residual_kmeans(
+            embeddings_ND, tok.levels, tok.codebook_size, tok.kmeans_iters, cfg.run.seed, device
+        )
+        training = {}
     sizes = [tok.codebook_size] * tok.levels
     stats = codebook_stats(codes_NL, sizes)
+    stats["method"] = tok.method
+    if training:
+        stats["training"] = training
     for level, values in enumerate(stats["per_level"]):
         log.info(
             "level %d: utilization %.3f, entropy %.2f bits (max %.2f), perplexity %.1f",

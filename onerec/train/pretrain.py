@@ -64,9 +64,10 @@ def main(cfg: RootConfig) -> Path:
 
     def step_fn(engine, indices: torch.Tensor):
         indices = indices.to(device)
-        history_codes_BSL = lookup_codes(history_NS[indices], codes_NL)
+        history_BS = history_NS[indices]
+        history_codes_BSL = lookup_codes(history_BS, codes_NL)
         target_codes_BML = lookup_codes(target_NM[indices], codes_NL)
-        output = engine(history_codes_BSL, target_codes_BML, user_N[indices] if use_user_token else None)
+        output = engine(history_codes_BSL, target_codes_BML, user_N[indices] if use_user_token else None, history_BS)
         ntp, _ = next_token_loss(
             output.logits_BMLC, target_codes_BML, model.code_mask_LC, cfg.train.label_smoothing
         )

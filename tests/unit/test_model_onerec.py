@@ -161,6 +161,25 @@ def test_user_token_changes_the_encoding_only_when_enabled():
         torch.testing.assert_close(with_user, plain.encode(history).states_BSD)
 
 
+def test_item_id_embedding_separates_items_with_equal_codes_and_is_required():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, num_heads=4, d_ff=64, dropout=0.0, item_id_embedding=True)
+    model = OneRecModel(cfg, SIZES, max_history=4, session_len=1, num_items=10).eval()
+    history = random_codes(1, 4)
+    history[0, 0] = -1  # left padding
+    items = torch.tensor([[-1, 3, 4, 5]])
+    with torch.no_grad():
+        a = model.encode(history, history_items_BS=items).states_BSD
+        b = model.encode(history, history_items_BS=torch.tensor([[-1, 3, 4, 6]])).states_BSD
+        pad_changed = model.encode(history, history_items_BS=torch.tensor([[7, 3, 4, 5]])).states_BSD
+    assert not torch.allclose(a, b)  # same codes, another item id: another encoding
+    torch.testing.assert_close(a[:, 2:], pad_changed[:, 2:])  # real positions never see the padded id
+    with pytest.raises(ValueError, match="history_items_BS"):
+        model.encode(history)
+    with pytest.raises(ValueError, match="num_items"):
+        OneRecModel(cfg, SIZES, max_history=4, session_len=1)
+
+
 def test_padding_target_items_still_get_logits():
     model = make_model().eval()
     target = random_codes(2, 2)

@@ -1,0 +1,179 @@
+"""Recommendation quality, end to end: ours vs our SASRec vs popularity vs the published rows.
+
+    python bench/quality.py --config configs/beauty/pipeline.yaml --name beauty \
+        [--published bench/published/amazon2014_beauty.json] [--tokenizer-report] [key=value ...]
+
+Runs `onerec pipeline` (data -> tokenize -> pretrain -> evaluate) and the SASRec baseline on
+the same data and split, then writes bench/results/quality_<name>.{json,md} and prints the
+table. Hyperparameters come from the config, which is chosen on validation only; the test
+split is scored once, by the evaluate stage and by the baseline, at the end.
+--tokenizer-report also quantises the same item embeddings with both tokenizers
+(rq_kmeans and rq_vae) and reports per-level utilization, entropy and collision rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from onerec.config import load_config, to_dict
+from onerec.logging import setup_console, write_json_atomic
+from onerec.paths import RunPaths
+
+METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores"
+
+
+def tokenizer_report(config: str, overrides: list[str], methods=("rq_kmeans", "rq_vae")) -> dict:
+    """Quantise the run's item embeddings with each method; per-level statistics for each."""
+    from onerec.tokenizer.semantic_ids import CACHE_DIR, SemanticIds
+    from onerec.tokenizer.stage import main as tokenize_main
+
+    paths = RunPaths.of(load_config(config, overrides).run.out_dir)
+    report = {}
+    for method in methods:
+        root = paths.root / "tokenizers" / method
+        cfg = load_config(config, [*overrides, f"run.out_dir={root}", f"tokenizer.method={method}"])
+        (root / "semantic_ids" / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+        if not (root / "data").exists():
+            (root / "data").symlink_to(paths.data.resolve())
+        cache = paths.semantic_ids / CACHE_DIR / "embeddings.safetensors"
+        if cache.is_file():  # same texts, same encoder: skip re-embedding
+            shutil.copy(cache, root / "semantic_ids" / CACHE_DIR / cache.name)
+        started = time.perf_counter()
+        stats = SemanticIds.load(tokenize_main(cfg)).stats
+        report[method] = {
+            "utilization": [lvl["utilization"] for lvl in stats["per_level"]],
+            "entropy_bits": [lvl["entropy"] for lvl in stats["per_level"]],
+            "max_entropy_bits": stats["max_entropy_bits"],
+            "collision_rate_before_dedup": stats["collision_rate_before_dedup"],
+            "max_items_per_tuple": stats["max_items_per_tuple"],
+            "seconds": time.perf_counter() - started,
+        }
+    return report
+
+
+def markdown(result: dict) -> str:
+    head = "| model | " + " | ".join(m.replace("recall", "R").replace("ndcg", "N") for m in METRICS) + " | source |"
+    lines = [head, "|---" * (len(METRICS) + 2) + "|"]
+
+    def row(name: str, values: dict, source: str) -> None:
+        lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + f" | {source} |")
+
+    for name, values in result["published"].items():
+        row(name, values, "published")
+    if result.get("target"):
+        row(f"target ({result['target_label']})", result["target"], "published x factor")
+    row("popularity (ours)", result["popularity"]["test"], "measured")
+    row("SASRec (ours, CE)", result["sasrec"]["test"], "measured")
+    row("OneRec (ours)", result["ours"]["test"], "measured")
+    out = [
+        f"## Quality on {result['name']} (test split)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Date: {result['date']}; device: {result['device']}; wall time: pipeline "
+        f"{result['seconds']['pipeline'] / 60:.1f} min, SASRec {result['seconds']['sasrec'] / 60:.1f} min.",
+        "",
+        *lines,
+        "",
+        "Validation (selection split): OneRec "
+        + ", ".join(f"{m} {result['ours']['valid'][m]:.4f}" for m in METRICS)
+        + "; SASRec "
+        + ", ".join(f"{m} {result['sasrec']['valid'][m]:.4f}" for m in METRICS),
+    ]
+    if result.get("target_met") is not None:
+        out += ["", "Target met: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in result["target_met"].items())]
+    if result.get("tokenizers"):
+        out += ["", "| tokenizer | utilization per level | entropy bits per level (max) | collision rate before dedup |", "|---|---|---|---|"]
+        for method, t in result["tokenizers"].items():
+            out.append(
+                f"| {method} | {', '.join(f'{u:.3f}' for u in t['utilization'])} | "
+                f"{', '.join(f'{e:.2f}' for e in t['entropy_bits'])} ({t['max_entropy_bits'][0]:.0f}) | "
+                f"{t['collision_rate_before_dedup']:.4f} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--name", required=True, help="data set name for the result files, e.g. beauty")
+    parser.add_argument("--published", help="json with published rows (and an optional target)")
+    parser.add_argument("--tokenizer-report", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    setup_console()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = load_config(args.config, args.overrides)
+    paths = RunPaths.of(cfg.run.out_dir)
+
+    from onerec.baselines.stage import main as sasrec_main
+    from onerec.pipeline import main as pipeline_main
+
+    started = time.perf_counter()
+    if args.skip_pipeline:
+        metrics = json.loads(paths.metrics.read_text())
+    else:
+        metrics = pipeline_main(cfg)
+    pipeline_seconds = metrics.get("wall_seconds", time.perf_counter() - started)
+    sasrec = sasrec_main(cfg)
+
+    published, target, target_label = {}, None, None
+    if args.published:
+        spec = json.loads(Path(args.published).read_text())
+        published = spec["rows"]
+        if "target" in spec:
+            target_label = f"{spec['target']['row']} x {spec['target']['factor']}"
+            target = {m: published[spec["target"]["row"]][m] * spec["target"]["factor"] for m in METRICS}
+    result = {
+        "name": args.name,
+        "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(str(cfg.run.device)),
+        "config": to_dict(cfg),
+        "ours": {"valid": metrics["valid"], "test": metrics["test"]},
+        "sasrec": {k: sasrec[k] for k in ("valid", "test", "best_epoch", "epochs_run")},
+        "popularity": metrics["baselines"]["popularity"],
+        "published": published,
+        "seconds": {"pipeline": pipeline_seconds, "sasrec": sasrec["wall_seconds"]},
+        "semantic_ids": metrics.get("semantic_ids", {}),
+    }
+    if target is not None:
+        result["target"], result["target_label"] = target, target_label
+        result["target_met"] = {m: metrics["test"][m] >= target[m] for m in METRICS}
+    if args.tokenizer_report:
+        result["tokenizers"] = tokenizer_report(args.config, args.overrides)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS / f"quality_{args.name}.json", result)
+    table = markdown(result)
+    (RESULTS / f"quality_{args.name}.md").write_text(table, encoding="utf-8")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
