@@ -57,12 +57,12 @@ def tokenizer_report(config: str, overrides: list[str], methods=("rq_kmeans", "r
     for method in methods:
         root = paths.root / "tokenizers" / method
         cfg = load_config(config, [*overrides, f"run.out_dir={root}", f"tokenizer.method={method}"])
-        (root / "semantic_ids" / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         if not (root / "data").exists():
             (root / "data").symlink_to(paths.data.resolve())
-        cache = paths.semantic_ids / CACHE_DIR / "embeddings.safetensors"
-        if cache.is_file():  # same texts, same encoder: skip re-embedding
-            shutil.copy(cache, root / "semantic_ids" / CACHE_DIR / cache.name)
+        cache = paths.semantic_ids / CACHE_DIR
+        if cache.is_dir():  # same texts, same encoder: the embeddings (and their fingerprint) carry over
+            shutil.copytree(cache, root / "semantic_ids" / CACHE_DIR, dirs_exist_ok=True)
         started = time.perf_counter()
         stats = SemanticIds.load(tokenize_main(cfg)).stats
         report[method] = {
@@ -119,11 +119,12 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="pipeline YAML (only differences from the defaults)")
     parser.add_argument("--name", required=True, help="data set name for the result files, e.g. beauty")
     parser.add_argument("--published", help="json with published rows (and an optional target)")
     parser.add_argument("--tokenizer-report", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where quality_<name>.{json,md} go")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     setup_console()
@@ -167,10 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
         result["target_met"] = {m: metrics["test"][m] >= target[m] for m in METRICS}
     if args.tokenizer_report:
         result["tokenizers"] = tokenizer_report(args.config, args.overrides)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / f"quality_{args.name}.json", result)
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results_dir / f"quality_{args.name}.json", result)
     table = markdown(result)
-    (RESULTS / f"quality_{args.name}.md").write_text(table, encoding="utf-8")
+    (results_dir / f"quality_{args.name}.md").write_text(table, encoding="utf-8")
     print(table)
     return result
 

@@ -24,12 +24,9 @@ def _write_log(root):
     (root / "items.csv").write_text("\n".join(items) + "\n")
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    _write_log(tmp / "raw")
+def _overrides(tmp):
     out = tmp / "run"
-    overrides = [
+    return [
         f"run.out_dir={out}",
         "data.format=csv",
         f"data.root={tmp / 'raw'}",
@@ -57,9 +54,18 @@ def pipeline_run(tmp_path_factory):
         "train.checkpoint_every=40",
         "train.patience=0",
         "eval.beam_width=10",
+        "sasrec.d_model=16",
+        "sasrec.layers=1",
+        "sasrec.max_epochs=5",
     ]
-    assert cli_main(["pipeline", *overrides]) == 0
-    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    _write_log(tmp / "raw")
+    assert cli_main(["pipeline", *_overrides(tmp)]) == 0
+    return tmp / "run"
 
 
 def test_pipeline_writes_the_metrics_contract(pipeline_run):
@@ -97,3 +103,30 @@ def test_recommend_prints_real_items_with_titles(pipeline_run, capsys):
 
 def test_recommend_rejects_unknown_items(pipeline_run, capsys):
     assert cli_main(["recommend", "--model", str(pipeline_run / "pretrain/export"), "--history", "i3 nope"]) == 2
+
+
+def test_quality_bench_tables_ours_sasrec_popularity_and_published_rows(pipeline_run, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[2] / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    published = tmp_path / "published.json"
+    paper = {"recall@5": 0.1, "ndcg@5": 0.05, "recall@10": 0.2, "ndcg@10": 0.1}
+    published.write_text(json.dumps({"rows": {"Paper": paper}, "target": {"row": "Paper", "factor": 1.1}}))
+    result = quality.main(
+        ["--name", "tiny", "--published", str(published), "--skip-pipeline", "--tokenizer-report",
+         "--results-dir", str(tmp_path / "results"), *_overrides(pipeline_run.parent)]
+    )
+    saved = json.loads((tmp_path / "results" / "quality_tiny.json").read_text())
+    metrics = json.loads((pipeline_run / "metrics.json").read_text())
+    assert saved["ours"]["test"] == metrics["test"]  # the table reports what the evaluate stage measured
+    assert saved["popularity"] == metrics["baselines"]["popularity"]
+    assert set(saved["sasrec"]["test"]) == set(paper) and saved["sasrec"] == result["sasrec"]
+    assert saved["target"]["recall@10"] == pytest.approx(0.22)
+    assert saved["target_met"]["recall@10"] == (metrics["test"]["recall@10"] >= 0.22)
+    for method in ("rq_kmeans", "rq_vae"):
+        assert len(saved["tokenizers"][method]["utilization"]) == 2
+    table = (tmp_path / "results" / "quality_tiny.md").read_text()
+    assert "| Paper |" in table and "| SASRec (ours, CE) |" in table and "| OneRec (ours) |" in table
