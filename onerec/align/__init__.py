@@ -1,0 +1,1 @@
+"""Preference alignment after pretraining (OneRec: reward model + Iterative Preference Alignment)."""
