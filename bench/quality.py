@@ -117,6 +117,14 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def write_results(results_dir: Path, stem: str, result: dict, table: str) -> None:
+    """<stem>.json (everything) and <stem>.md (the table), and the table on stdout."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results_dir / f"{stem}.json", result)
+    (results_dir / f"{stem}.md").write_text(table, encoding="utf-8")
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", help="pipeline YAML (only differences from the defaults)")
@@ -124,6 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--published", help="json with published rows (and an optional target)")
     parser.add_argument("--tokenizer-report", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
+    parser.add_argument(
+        "--pipeline-seconds",
+        type=float,
+        help="with --skip-pipeline: the measured wall time of that run when it was done in pieces (e.g. resumed)",
+    )
     parser.add_argument("--results-dir", default=str(RESULTS), help="where quality_<name>.{json,md} go")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = json.loads(paths.metrics.read_text())
     else:
         metrics = pipeline_main(cfg)
-    pipeline_seconds = metrics.get("wall_seconds", time.perf_counter() - started)
+    pipeline_seconds = args.pipeline_seconds or metrics.get("wall_seconds", time.perf_counter() - started)
     sasrec = sasrec_main(cfg)
 
     published, target, target_label = {}, None, None
@@ -168,12 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["target_met"] = {m: metrics["test"][m] >= target[m] for m in METRICS}
     if args.tokenizer_report:
         result["tokenizers"] = tokenizer_report(args.config, args.overrides)
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results_dir / f"quality_{args.name}.json", result)
-    table = markdown(result)
-    (results_dir / f"quality_{args.name}.md").write_text(table, encoding="utf-8")
-    print(table)
+    write_results(Path(args.results_dir), f"quality_{args.name}", result, markdown(result))
     return result
 
 

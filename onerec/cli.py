@@ -1,4 +1,4 @@
-"""`onerec <command>`: data, tokenize, pretrain, evaluate, baseline, recommend, pipeline.
+"""`onerec <command>`: data, tokenize, pretrain, reward, dpo, evaluate, baseline, recommend, pipeline.
 
 Stage commands take `--config FILE` and any number of `key=value` overrides
 (e.g. `train.lr=3e-4 run.out_dir=runs/x`), applied after the file.
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from onerec.config import ConfigError, RootConfig, load_config
 from onerec.logging import setup_console
 
-STAGES = ("data", "tokenize", "pretrain", "evaluate", "baseline", "pipeline")
+STAGES = ("data", "tokenize", "pretrain", "reward", "dpo", "evaluate", "baseline", "pipeline")
 
 
 def _stage_main(name: str) -> Callable[[RootConfig], object]:
@@ -25,6 +25,10 @@ def _stage_main(name: str) -> Callable[[RootConfig], object]:
         from onerec.tokenizer.stage import main
     elif name == "pretrain":
         from onerec.train.pretrain import main
+    elif name == "reward":
+        from onerec.align.reward_stage import main
+    elif name == "dpo":
+        from onerec.align.dpo_stage import main
     elif name == "evaluate":
         from onerec.inference.stage import main
     elif name == "baseline":

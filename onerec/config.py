@@ -43,7 +43,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # movielens | amazon2014 | amazon2018 | csv | parquet
+    # movielens | amazon2014 | amazon2018 | kuairand | csv | parquet
     format: str = "movielens"
     # Folder holding the raw files. For movielens an empty root means "fetch the
     # embedded default" into `cache_dir` (GroupLens, or the recbole wheel offline).
@@ -69,7 +69,9 @@ class DataConfig:
     csv_delimiter: str = ","
 
     def __post_init__(self) -> None:
-        _check_choice("data", "format", self.format, ("movielens", "amazon2014", "amazon2018", "csv", "parquet"))
+        _check_choice(
+            "data", "format", self.format, ("movielens", "amazon2014", "amazon2018", "kuairand", "csv", "parquet")
+        )
         _check_choice("data", "on_bad_rows", self.on_bad_rows, ("error", "skip"))
         _check_choice("data", "split", self.split, ("leave_one_out", "time"))
         _check_positive("data", "max_history", self.max_history)
@@ -233,6 +235,83 @@ class SASRecConfig:
 
 
 @dataclass
+class SignalConfig:
+    """One feedback signal the reward model predicts, read from an interaction column."""
+
+    name: str = ""
+    column: str = ""  # a feedback column of the data (rating, is_like, watch_ratio...)
+    kind: str = "binary"  # binary (label: value > threshold; session label = share of items) | regression
+    threshold: float = 0.0
+    weight: float = 1.0  # weight in the IPA reward (binary: predicted rate; regression: predicted z-score)
+
+    def __post_init__(self) -> None:
+        _check_choice("reward.signals[]", "kind", self.kind, ("binary", "regression"))
+        if not self.name or not self.column:
+            raise ConfigError("reward.signals[]: every signal needs a name and a column")
+
+
+@dataclass
+class RewardConfig:
+    """The session reward model (OneRec section 3.3), stage `onerec reward`."""
+
+    enabled: bool = False  # run it inside `onerec pipeline`
+    signals: list[SignalConfig] = field(default_factory=list)
+    # Sessions are a user's consecutive logged interactions, data.session_len at a time; with
+    # a gap > 0 (in the data's time unit) a session also ends where the user paused that long.
+    session_gap: float = 0.0
+    holdout_fraction: float = 0.1  # users whose sessions are held out for AUC
+    d_model: int = 64
+    num_heads: int = 2
+    layers: int = 1
+    dropout: float = 0.1
+    batch_size: int = 256
+    lr: float = 1e-3
+    max_epochs: int = 20
+    patience: int = 3  # epochs without a better held-out loss
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"reward.d_model={self.d_model} is not divisible by reward.num_heads={self.num_heads}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"reward.holdout_fraction={self.holdout_fraction}: expected in (0, 1)")
+        _check_positive("reward", "session_gap", self.session_gap, allow_zero=True)
+        _check_positive("reward", "batch_size", self.batch_size)
+        _check_positive("reward", "max_epochs", self.max_epochs)
+        names = [s.name for s in self.signals]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"reward.signals: names must be unique, got {names}")
+
+
+@dataclass
+class AlignConfig:
+    """Iterative Preference Alignment (OneRec section 3.4), stage `onerec dpo`."""
+
+    enabled: bool = False  # run it inside `onerec pipeline` (needs reward.enabled)
+    rounds: int = 2  # T
+    users_fraction: float = 0.1  # r_dpo: share of training users sampled per round (OneRec: 0.01)
+    num_samples: int = 16  # N sessions per user by beam search (OneRec: 128)
+    beta: float = 0.1
+    dpo_weight: float = 1.0  # lambda in NTP + lambda * DPO
+    lr: float = 1e-4
+    batch_size: int = 64
+    epochs_per_round: int = 1
+    eval_users: int = 500  # held-out (validation) users for the reward and recall of generations
+
+    def __post_init__(self) -> None:
+        _check_positive("align", "rounds", self.rounds)
+        if not 0.0 < self.users_fraction <= 1.0:
+            raise ConfigError(f"align.users_fraction={self.users_fraction}: expected in (0, 1]")
+        if self.num_samples < 2:
+            raise ConfigError(f"align.num_samples={self.num_samples}: expected >= 2 (a chosen and a rejected)")
+        _check_positive("align", "beta", self.beta)
+        _check_positive("align", "dpo_weight", self.dpo_weight, allow_zero=True)
+        _check_positive("align", "lr", self.lr)
+        _check_positive("align", "batch_size", self.batch_size)
+        _check_positive("align", "epochs_per_round", self.epochs_per_round)
+        _check_positive("align", "eval_users", self.eval_users)
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "disabled"  # online | offline | disabled
     project: str = "onerec"
@@ -252,6 +331,8 @@ class RootConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

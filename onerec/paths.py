@@ -31,6 +31,18 @@ class RunPaths:
         return self.pretrain / "export"
 
     @property
+    def reward(self) -> Path:
+        return self.root / "reward"
+
+    @property
+    def dpo(self) -> Path:
+        return self.root / "dpo"
+
+    @property
+    def dpo_export(self) -> Path:
+        return self.dpo / "export"
+
+    @property
     def baselines(self) -> Path:
         return self.root / "baselines"
 

@@ -1,6 +1,8 @@
 """`onerec pipeline`: every stage in order, each reading the previous stage's output directory.
 
-    data -> tokenize -> pretrain -> evaluate      (all under run.out_dir)
+    data -> tokenize -> pretrain [-> reward] [-> dpo] -> evaluate      (all under run.out_dir)
+
+reward runs when reward.enabled, dpo when align.enabled (which needs the reward model).
 """
 
 from __future__ import annotations
@@ -27,19 +29,23 @@ def save_resolved_config(cfg: RootConfig) -> None:
 
 def main(cfg: RootConfig) -> dict:
     # Imported here so `onerec --help` stays fast and each stage's dependencies load only when used.
+    from onerec.align import dpo_stage, reward_stage
     from onerec.data import stage as data_stage
     from onerec.inference import stage as evaluate_stage
     from onerec.tokenizer import stage as tokenize_stage
     from onerec.train import pretrain
 
+    if cfg.align.enabled and not cfg.reward.enabled:
+        raise ValueError("align.enabled needs the reward model: set reward.enabled=true as well")
     started = time.perf_counter()
     save_resolved_config(cfg)
     timings = {}
-    for name, stage_main in (
-        ("data", data_stage.main),
-        ("tokenize", tokenize_stage.main),
-        ("pretrain", pretrain.main),
-    ):
+    stages = [("data", data_stage.main), ("tokenize", tokenize_stage.main), ("pretrain", pretrain.main)]
+    if cfg.reward.enabled:
+        stages.append(("reward", reward_stage.main))
+    if cfg.align.enabled:
+        stages.append(("dpo", dpo_stage.main))
+    for name, stage_main in stages:
         log.info("== stage %s ==", name)
         stage_started = time.perf_counter()
         stage_main(cfg)

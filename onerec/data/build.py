@@ -103,10 +103,14 @@ def build_tables(raw: RawLog, cfg: DataConfig, bad: BadRows) -> Tables:
     # time order within a user; ties keep file order (lexsort is stable on the last key)
     order = np.lexsort((np.arange(len(raw)), raw.order, user_col))
     titles, texts = _item_texts(raw, catalogue, table_row, cfg)
+    item_columns = {"item_index": np.arange(len(catalogue), dtype=np.int64), "raw_id": catalogue, "title": titles, "text": texts}
+    if raw.item_table is not None and raw.item_table.features is not None:
+        rows = np.fromiter((table_row[item] for item in catalogue), dtype=np.int64, count=len(catalogue))
+        item_columns["features"] = raw.item_table.features[rows]
     interactions = {"user_index": user_col[order], "item_index": item_col[order], "order": raw.order[order]}
     interactions.update({name: values[order] for name, values in raw.feedback.items()})
     return Tables(
-        items={"item_index": np.arange(len(catalogue), dtype=np.int64), "raw_id": catalogue, "title": titles, "text": texts},
+        items=item_columns,
         interactions=interactions,
         users={"user_index": np.arange(len(users), dtype=np.int64), "raw_id": users},
         meta={
@@ -116,6 +120,7 @@ def build_tables(raw: RawLog, cfg: DataConfig, bad: BadRows) -> Tables:
             "interactions": int(len(raw)),
             "has_time": raw.has_time,
             "feedback_columns": sorted(raw.feedback),
+            "sequence_column": raw.sequence_column,
             "bad_rows": bad.summary(),
         },
     )

@@ -3,7 +3,11 @@
 RawLog.interactions: one row per interaction, in file order:
     user (raw id str), item (raw id str), order (int64 timestamp, or position when the format
     has none), feedback columns (float32), and where it came from (file, line) for errors.
-RawLog.items: the item table when the format has one: raw id, title, text fields.
+RawLog.items: the item table when the format has one: raw id, title, text fields, and
+    for items without text (KuaiRand) a numeric feature matrix.
+RawLog.sequence_column: when set, only interactions whose feedback in that column is > 0
+    (e.g. clicked impressions) enter the user sequences the generator trains on; every
+    interaction stays in the table for the reward model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ class RawItems:
     fields: dict[str, list[str]]  # text fields by name ("title", "genres", ...), "" when missing
     file: str
     lines: list[int]
+    features: np.ndarray | None = None  # [items, F] float32, rows aligned with ids
 
 
 @dataclass
@@ -31,6 +36,7 @@ class RawLog:
     lines: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     has_time: bool = True
     item_table: RawItems | None = None
+    sequence_column: str | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -47,4 +53,5 @@ class RawLog:
             lines=self.lines[index],
             has_time=self.has_time,
             item_table=self.item_table,
+            sequence_column=self.sequence_column,
         )

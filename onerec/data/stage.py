@@ -1,6 +1,6 @@
 """Stage `data`: raw files -> validated, dense-id Arrow tables in <out>/data/.
 
-    data/items/         item_index, raw_id, title, text        (HF datasets, save_to_disk)
+    data/items/         item_index, raw_id, title, text (+ features) (HF datasets, save_to_disk)
     data/interactions/  user_index, item_index, order, feedback (sorted by user, then time)
     data/users/         user_index, raw_id
     data/meta.json      counts, skipped bad rows by reason, format
@@ -26,6 +26,7 @@ from onerec.data.build import build_tables
 from onerec.data.errors import BadRows
 from onerec.data.fetch import fetch_movielens
 from onerec.data.generic import load_generic
+from onerec.data.kuairand import load_kuairand
 from onerec.data.movielens import load_movielens
 from onerec.data.schema import RawLog
 from onerec.data.splits import UserSequences
@@ -50,6 +51,8 @@ def load_raw(cfg: DataConfig, bad: BadRows) -> RawLog:
         return load_amazon2014(root, bad)
     if cfg.format == "amazon2018":
         return load_amazon2018(root, bad)
+    if cfg.format == "kuairand":
+        return load_kuairand(root, bad)
     return load_generic(root, cfg, bad)
 
 
@@ -67,7 +70,9 @@ def main(cfg: RootConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for name in ("items", "interactions", "users"):
-            table = {k: list(v) if isinstance(v, list) else v for k, v in getattr(tables, name).items()}
+            # lists and 2-D arrays (item feature vectors) go in as one list per row
+            table = {k: list(v) if isinstance(v, list) or getattr(v, "ndim", 1) > 1 else v
+                     for k, v in getattr(tables, name).items()}
             datasets.Dataset.from_dict(table).save_to_disk(str(tmp / name))
         (tmp / "meta.json").write_text(json.dumps(tables.meta, indent=2) + "\n")
         if target.exists():
@@ -96,8 +101,12 @@ def load_prepared(data_dir: Path) -> PreparedData:
     items = datasets.load_from_disk(str(data_dir / "items"))
     interactions = datasets.load_from_disk(str(data_dir / "interactions"))
     arrow = interactions.data  # read columns straight from Arrow: no per-row Python objects
+    columns = [arrow.column(name).to_numpy() for name in ("user_index", "item_index", "order")]
+    if meta.get("sequence_column"):  # e.g. KuaiRand: users' sequences are their clicked impressions
+        positive = arrow.column(meta["sequence_column"]).to_numpy() > 0
+        columns = [column[positive] for column in columns]
     sequences = UserSequences.from_sorted(
-        *(arrow.column(name).to_numpy() for name in ("user_index", "item_index", "order")),
+        *columns,
         num_users=meta["users"],
         has_time=meta["has_time"],
     )

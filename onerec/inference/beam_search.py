@@ -91,3 +91,67 @@ def constrained_beam_search(
     return BeamSearchOutput(
         items_BW=items_N.view(B, W), scores_BW=scores_N.view(B, W), codes_BWL=codes_NL.view(B, W, L)
     )
+
+
+@dataclass
+class SessionSearchOutput:
+    items_BWM: torch.Tensor  # int64 item_index per session slot, -1 for dead beams
+    scores_BW: torch.Tensor  # float32 session log-prob (every code of every item), sorted descending
+    codes_BWML: torch.Tensor  # int64 code tuples, all -1 for dead beams
+
+
+@torch.inference_mode()
+def generate_sessions(
+    model,
+    history_codes_BSL: torch.Tensor,
+    trie: Trie,
+    num_sessions: int,
+    session_len: int,
+    user_B: torch.Tensor | None = None,
+    history_items_BS: torch.Tensor | None = None,
+) -> SessionSearchOutput:
+    """The `num_sessions` best M-item sessions per request, code by code, every item a real one.
+
+    The same beam search as `constrained_beam_search`, run for M * L steps: whenever a beam
+    completes an item (reaches a trie leaf) it restarts at the root for the next item, and
+    the decoder sees the BOS that separates items. The W output beams are W distinct
+    sessions (distinct code paths), as IPA samples them (OneRec section 3.4).
+    """
+    if num_sessions < 1 or session_len < 1:
+        raise ValueError(f"num_sessions={num_sessions} and session_len={session_len}: expected >= 1")
+    if session_len > model.session_len:
+        raise ValueError(f"session_len={session_len} exceeds the model's session_len={model.session_len}")
+    if history_codes_BSL.dim() != 3 or history_codes_BSL.shape[-1] != trie.depth:
+        raise ValueError(
+            f"history_codes_BSL must be [batch, history, {trie.depth}], got shape {tuple(history_codes_BSL.shape)}"
+        )
+    device = model_device(model, history_codes_BSL.device)
+    B, W, L, M = history_codes_BSL.shape[0], num_sessions, trie.depth, session_len
+    N = B * W
+    trie = trie.to(device)
+    user_B = None if user_B is None else user_B.to(device)
+    history_items_BS = None if history_items_BS is None else history_items_BS.to(device)
+    memory = model.encode(history_codes_BSL.to(device), user_B, history_items_BS).repeat_beams(W)
+
+    scores_N = torch.full((N,), float("-inf"), device=device)
+    scores_N[::W] = 0.0
+    states_N = torch.zeros(N, dtype=torch.long, device=device)
+    generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
+    items_NM = torch.full((N, M), -1, dtype=torch.long, device=device)
+    for m in range(M):
+        for _ in range(L):
+            logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
+            tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
+                logits_NC, scores_N, states_N, trie.child_tokens, trie.child_nodes, W
+            )
+            generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
+            items_NM = items_NM[parents_N]
+        live_N = states_N >= 0
+        items_NM[:, m] = torch.where(live_N, trie.node_item[states_N.clamp(min=0)], -1)
+        states_N = torch.where(live_N, torch.zeros_like(states_N), states_N)  # next item starts at the root
+    live_N = items_NM[:, -1] >= 0
+    items_NM = items_NM.masked_fill(~live_N.unsqueeze(1), -1)
+    codes_NML = generated_NT.view(N, M, L).masked_fill(~live_N.view(N, 1, 1), -1)
+    return SessionSearchOutput(
+        items_BWM=items_NM.view(B, W, M), scores_BW=scores_N.view(B, W), codes_BWML=codes_NML.view(B, W, M, L)
+    )

