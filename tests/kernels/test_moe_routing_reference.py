@@ -88,12 +88,18 @@ def test_empty_batch():
 
 
 def test_gate_weights_receive_gradients():
+    torch.manual_seed(0)
     logits = torch.randn(6, 4, requires_grad=True)
     weights, idx = topk_softmax_routing(logits, 2)
-    x = torch.randn(6, 3)
-    x_perm, ids, _ = permute(x, idx, 4)
-    unpermute(x_perm, ids, weights, 6).pow(2).sum().backward()
-    assert logits.grad.abs().sum() > 0
+    x = torch.randn(6, 3, requires_grad=True)
+    x_perm, ids, per_expert = permute(x, idx, 4)
+    # Each expert must transform its rows differently: with identical copies and renormalised
+    # weights the combine would return x itself and the gate gradient would be exactly zero.
+    expert_of_row = torch.repeat_interleave(torch.arange(4), per_expert)
+    y_perm = x_perm * (expert_of_row.float() + 1.0).unsqueeze(-1)
+    unpermute(y_perm, ids, weights, 6).pow(2).sum().backward()
+    assert logits.grad.abs().sum(dim=-1).gt(0).all(), "every token's router row needs a gradient"
+    assert x.grad.abs().sum() > 0
 
 
 def test_low_precision_inputs_keep_their_dtype_with_fp32_math():

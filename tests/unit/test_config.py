@@ -55,6 +55,11 @@ def test_override_without_equals_is_rejected():
         ("eval.beam_width=3", "beam_width"),
         ("train.lr=abc", "lr"),
         ("data.min_user_interactions=2", "min_user_interactions"),
+        ("align.num_samples=1", "num_samples"),
+        ("align.users_fraction=0", "users_fraction"),
+        ("reward.holdout_fraction=1.5", "holdout_fraction"),
+        ("reward.signals=[{name: like, column: rating, kind: ordinal}]", "kind"),
+        ("reward.signals=[{name: a, column: x}, {name: a, column: y}]", "unique"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_named(override, fragment):
@@ -71,3 +76,12 @@ def test_round_trip_through_dict():
     cfg = load_config(None, ["train.lr=0.123", "data.text_fields=[title,brand]"])
     again = from_dict(to_dict(cfg))
     assert again == cfg
+
+
+def test_alignment_without_a_reward_model_is_refused_before_any_work(tmp_path):
+    from onerec.pipeline import main as pipeline_main
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "align.enabled=true"])
+    with pytest.raises(ValueError, match="reward.enabled"):
+        pipeline_main(cfg)
+    assert not (tmp_path / "run").exists()
