@@ -32,17 +32,31 @@ def relative(after: float, before: float) -> float:
     return (after - before) / abs(before) if before else float("nan")
 
 
+def _test_line(test: dict) -> str:
+    if not test.get("pretrained"):
+        return ""
+    aligned, pretrained = test["aligned"], test["pretrained"]
+    return (
+        f"Test split, all users: Recall@10 {aligned['recall@10']:.4f} exported vs {pretrained['recall@10']:.4f} "
+        f"pretrained ({relative(aligned['recall@10'], pretrained['recall@10']):+.2%}), NDCG@10 "
+        f"{aligned['ndcg@10']:.4f} vs {pretrained['ndcg@10']:.4f}."
+    )
+
+
 def markdown(result: dict) -> str:
     alignment = result["alignment"]
     signals = list(alignment["pretrain"]["per_signal"])
     head = ["model", "reward mean", "reward max", "recall@10", "ndcg@10"] + [f"{s} (mean / max)" for s in signals]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    rows = [("pretrained", alignment["pretrain"])] + [(f"IPA round {i}", r) for i, r in enumerate(alignment["rounds"], 1)]
+    rows = [("pretrained", alignment["pretrain"])] + [
+        (f"IPA round {i}" + ("" if r.get("accepted", True) else " (rejected)"), r)
+        for i, r in enumerate(alignment["rounds"], 1)
+    ]
     for name, row in rows:
         cells = [name, f"{row['reward_mean']:.4f}", f"{row['reward_max']:.4f}", f"{row['recall@10']:.4f}", f"{row['ndcg@10']:.4f}"]
         cells += [f"{row['per_signal'][s]['mean']:.4f} / {row['per_signal'][s]['max']:.4f}" for s in signals]
         lines.append("| " + " | ".join(cells) + " |")
-    change = result["change_after_last_round"]
+    change = result["change_of_exported_model"]
     reward = result["reward_model"]
     auc_lines = ["| signal | reward model | item-mean baseline |", "|---|---|---|"]
     for name, values in reward["model"].items():
@@ -61,8 +75,11 @@ def markdown(result: dict) -> str:
         "",
         *lines,
         "",
-        f"After the last round: reward mean {change['reward_mean']:+.2%}, reward max {change['reward_max']:+.2%}, "
-        f"Recall@10 {change['recall@10']:+.2%} (relative to the pretrained model).",
+        f"Exported (the last round within align.max_recall_drop={alignment['config'].get('max_recall_drop', 1.0)} "
+        f"of the pretrained Recall@10): round {result['exported_round']}: reward mean {change['reward_mean']:+.2%}, "
+        f"reward max {change['reward_max']:+.2%}, Recall@10 {change['recall@10']:+.2%} (relative to the pretrained model).",
+        "",
+        _test_line(result["test"]),
         "",
         "Reward model on held-out users' logged sessions (AUC: concordance with the session's event rate):",
         "",
@@ -92,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         metrics = pipeline_main(cfg)
     alignment = metrics["alignment"]
-    first, last = alignment["pretrain"], alignment["rounds"][-1]
+    exported_round = alignment.get("exported_round", len(alignment["rounds"]))
+    first = alignment["pretrain"]
+    last = alignment["rounds"][exported_round - 1] if exported_round else first
     result = {
         "name": args.name,
         "command": " ".join(["python", "bench/alignment.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -102,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         "session_len": cfg.data.session_len,
         "alignment": alignment,
         "reward_model": json.loads((paths.reward / "reward.json").read_text())["heldout"],
-        "change_after_last_round": {k: relative(last[k], first[k]) for k in ("reward_mean", "reward_max", "recall@10")},
+        "exported_round": exported_round,
+        "change_of_exported_model": {k: relative(last[k], first[k]) for k in ("reward_mean", "reward_max", "recall@10")},
         "test": {"aligned": metrics["test"], "pretrained": metrics.get("pretrain_model", {}).get("test")},
         "seconds": metrics.get("wall_seconds", time.perf_counter() - started),
         "stage_seconds": metrics.get("stage_seconds", {}),

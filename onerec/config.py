@@ -296,6 +296,9 @@ class AlignConfig:
     batch_size: int = 64
     epochs_per_round: int = 1
     eval_users: int = 500  # held-out (validation) users for the reward and recall of generations
+    # A round whose held-out Recall@10 falls more than this (relative) below the pretrained
+    # model's is rejected and ends IPA: the last accepted round is exported. 1.0 keeps every round.
+    max_recall_drop: float = 0.02
 
     def __post_init__(self) -> None:
         _check_positive("align", "rounds", self.rounds)
@@ -309,6 +312,8 @@ class AlignConfig:
         _check_positive("align", "batch_size", self.batch_size)
         _check_positive("align", "epochs_per_round", self.epochs_per_round)
         _check_positive("align", "eval_users", self.eval_users)
+        if not 0.0 <= self.max_recall_drop <= 1.0:
+            raise ConfigError(f"align.max_recall_drop={self.max_recall_drop}: expected in [0, 1]")
 
 
 @dataclass

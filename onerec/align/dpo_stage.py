@@ -72,7 +72,11 @@ def main(cfg: RootConfig) -> dict:
     log.info("before alignment: %s", _summary(result["pretrain"]))
     prompts = latest_training_prompts(train.user, train.history, train.target)
     generator = torch.Generator().manual_seed(cfg.run.seed)
-    result["rounds"] = []
+    # Recall of the pretrained model is the floor a round must keep: DPO against a reward that
+    # disagrees with what users consume next can buy reward with accuracy (reward hacking).
+    recall_floor = (1.0 - acfg.max_recall_drop) * result["pretrain"]["recall@10"]
+    accepted_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    result["rounds"], result["exported_round"] = [], 0
     for round_index in range(1, acfg.rounds + 1):
         sampled = np.sort(rng.choice(len(prompts), size=max(1, math.ceil(acfg.users_fraction * len(prompts))), replace=False))
         stats = ipa_round(
@@ -80,11 +84,23 @@ def main(cfg: RootConfig) -> dict:
         )
         values = evaluate()
         values["train"] = asdict(stats)
+        values["accepted"] = values["recall@10"] >= recall_floor
         result["rounds"].append(values)
         log.info(
             "round %d: %d pairs (chosen reward %.4f, rejected %.4f), dpo loss %.4f; %s",
             round_index, stats.pairs, stats.chosen_reward, stats.rejected_reward, stats.dpo_loss, _summary(values),
         )
+        if not values["accepted"]:
+            log.warning(
+                "round %d rejected: held-out recall@10 %.4f is below %.4f (pretrained %.4f, align.max_recall_drop=%g); "
+                "exporting round %d",
+                round_index, values["recall@10"], recall_floor, result["pretrain"]["recall@10"], acfg.max_recall_drop,
+                result["exported_round"],
+            )
+            policy.load_state_dict(accepted_state)
+            break
+        accepted_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        result["exported_round"] = round_index
     result["wall_seconds"] = time.perf_counter() - started
 
     weights = paths.dpo / "aligned.safetensors"

@@ -46,7 +46,7 @@ def aligned_run(tmp_path_factory):
         "reward.enabled=true", "reward.d_model=32", "reward.max_epochs=40", "reward.batch_size=32", "reward.dropout=0.0", "reward.lr=3e-3", "reward.holdout_fraction=0.25",
         "reward.signals=[{name: like, column: rating, threshold: 3.5}, {name: rating, column: rating, kind: regression, weight: 0.0}]",
         "align.enabled=true", "align.rounds=2", "align.users_fraction=0.5", "align.num_samples=8",
-        "align.lr=1e-3", "align.batch_size=16", "align.eval_users=40",
+        "align.lr=1e-3", "align.batch_size=16", "align.eval_users=40", "align.max_recall_drop=1.0",
     ]
     assert cli_main(["pipeline", *overrides]) == 0
     return tmp / "run"
@@ -95,7 +95,40 @@ def test_alignment_bench_tables_the_run(aligned_run, tmp_path):
     metrics = json.loads((aligned_run / "metrics.json").read_text())
     assert saved["alignment"] == metrics["alignment"] and saved == json.loads(json.dumps(result))
     first, last = metrics["alignment"]["pretrain"], metrics["alignment"]["rounds"][-1]
-    assert saved["change_after_last_round"]["reward_mean"] == pytest.approx(
+    assert saved["exported_round"] == 2
+    assert saved["change_of_exported_model"]["reward_mean"] == pytest.approx(
         (last["reward_mean"] - first["reward_mean"]) / abs(first["reward_mean"]))
     table = (tmp_path / "alignment_tiny.md").read_text()
     assert "| pretrained |" in table and "| IPA round 2 |" in table and "| like (AUC) |" in table
+
+
+def test_a_round_that_costs_recall_is_rejected_and_the_previous_model_exported(aligned_run, tmp_path, monkeypatch):
+    """Every round's held-out recall is made to halve: round 1 is rejected, the pretrained weights go out."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    import onerec.align.dpo_stage as dpo_stage
+
+    run = tmp_path / "run"
+    shutil.copytree(aligned_run, run, ignore=shutil.ignore_patterns("dpo"))
+    real_evaluate, calls = dpo_stage.evaluate_alignment, []
+
+    def evaluate_with_recall_collapsing_after_training(*args, **kwargs):
+        values = real_evaluate(*args, **kwargs)
+        if calls:  # every evaluation after the pretrained one
+            values["recall@10"] *= 0.5
+        calls.append(values["recall@10"])
+        return values
+
+    monkeypatch.setattr(dpo_stage, "evaluate_alignment", evaluate_with_recall_collapsing_after_training)
+    config = run / "config.yaml"
+    assert cli_main(["dpo", "--config", str(config), f"run.out_dir={run}", "align.max_recall_drop=0.02"]) == 0
+    alignment = json.loads((run / "dpo" / "alignment.json").read_text())
+    assert len(alignment["rounds"]) == 1 and alignment["rounds"][0]["accepted"] is False
+    assert alignment["exported_round"] == 0
+    exported = load_file(run / "dpo" / "export" / "model.safetensors")
+    pretrained = load_file(run / "pretrain" / "export" / "model.safetensors")
+    assert exported.keys() == pretrained.keys()
+    assert all(torch.equal(exported[k], pretrained[k]) for k in exported)

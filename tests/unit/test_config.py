@@ -57,6 +57,7 @@ def test_override_without_equals_is_rejected():
         ("data.min_user_interactions=2", "min_user_interactions"),
         ("align.num_samples=1", "num_samples"),
         ("align.users_fraction=0", "users_fraction"),
+        ("align.max_recall_drop=-0.1", "max_recall_drop"),
         ("reward.holdout_fraction=1.5", "holdout_fraction"),
         ("reward.signals=[{name: like, column: rating, kind: ordinal}]", "kind"),
         ("reward.signals=[{name: a, column: x}, {name: a, column: y}]", "unique"),
