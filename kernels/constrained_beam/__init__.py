@@ -1,17 +1,23 @@
 """Trie-constrained beam-search step; one entry point with backend="auto" | "reference" | "triton".
 
-Only the reference implementation exists so far, so "auto" uses it on every device.
+"auto" runs the Triton kernel when the logits live on a CUDA device and Triton imports,
+else the PyTorch reference. "triton" forces the kernel on any device (on a CPU tensor it
+only runs under TRITON_INTERPRET=1, which is how the parity tests exercise it).
+Shapes, tie order and dead-beam semantics are described in `reference.py`.
 """
 
 from __future__ import annotations
 
+
 import torch
 
+from .. import _backend
 from . import reference
 
 __all__ = ["constrained_beam_step"]
 
-_BACKENDS = ("auto", "reference", "triton")
+def _pick(backend: str, logits_NC: torch.Tensor):
+    return _backend.pick(backend, logits_NC, __name__, reference)
 
 
 def constrained_beam_step(
@@ -24,10 +30,5 @@ def constrained_beam_step(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens_N, parents_N, scores_N, states_N) of the next W beams per request; see reference.py."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {_BACKENDS}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "the Triton constrained_beam kernel does not exist yet; use backend='reference' or 'auto'"
-        )
-    return reference.constrained_beam_step(logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width)
+    impl = _pick(backend, logits_NC)
+    return impl.constrained_beam_step(logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width)

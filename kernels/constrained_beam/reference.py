@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+# Keys keep 2^31 - 1 - index in their low 32 bits, so indices stay below 2^31.
+_INDEX_LIMIT = 2**31
+
 
 def _check_inputs(
     logits_NC: torch.Tensor,
@@ -47,6 +50,25 @@ def _check_inputs(
     for name, t in (("states_N", states_N), ("child_tokens", child_tokens), ("child_nodes", child_nodes)):
         if t.dtype != torch.long:
             raise ValueError(f"{name} must be int64, got {t.dtype}")
+
+
+def top_by_score_then_index(scores_BX: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the k best entries of each row: higher score first, then lower index.
+
+    What a stable descending sort's first k columns are, without sorting all X: torch.topk
+    promises no tie order, so each fp32 score and its index are packed into one unique int64
+    key (order-preserving int32 image of the score | 2^31 - 1 - index) and topk runs on the
+    keys. The Triton kernel builds the same keys. -0.0 is made +0.0 first (equal as floats).
+    """
+    X = scores_BX.shape[1]
+    if X >= _INDEX_LIMIT:
+        raise ValueError(f"{X} candidates per request: at most {_INDEX_LIMIT - 1}")
+    bits_BX = (scores_BX.float() + 0.0).view(torch.int32).to(torch.int64)
+    ordered_BX = bits_BX ^ ((bits_BX >> 31) & 0x7FFFFFFF)  # signed order == float order
+    index_X = torch.arange(X, device=scores_BX.device)
+    keys_BX = (ordered_BX << 32) | (_INDEX_LIMIT - 1 - index_X)
+    top_keys_Bk = torch.topk(keys_BX, k, dim=1, largest=True, sorted=True).values
+    return _INDEX_LIMIT - 1 - (top_keys_Bk & 0xFFFFFFFF)
 
 
 def constrained_beam_step(
@@ -81,11 +103,9 @@ def constrained_beam_step(
     cand_NBm = log_probs_NC.gather(1, tokens_NBm.clamp(min=0)) + beam_scores_N.unsqueeze(1)
     cand_NBm = cand_NBm.masked_fill(~valid_NBm, float("-inf"))
 
-    # Stable sort over the flat index parent_local * Bm + slot gives the documented tie order
-    # (torch.topk does not promise one). W * Bm >= W always, so keeping W is well defined.
-    sorted_BX, order_BX = torch.sort(cand_NBm.view(B, W * Bm), dim=1, descending=True, stable=True)
-    scores_N = sorted_BX[:, :W].reshape(N)
-    pick_BW = order_BX[:, :W]
+    # W * Bm >= W always, so keeping W is well defined.
+    pick_BW = top_by_score_then_index(cand_NBm.view(B, W * Bm), W)
+    scores_N = cand_NBm.view(B, W * Bm).gather(1, pick_BW).reshape(N)
     parents_N = (pick_BW // Bm + torch.arange(B, device=device).unsqueeze(1) * W).reshape(N)
     slots_N = (pick_BW % Bm).reshape(N)
     live_N = scores_N > float("-inf")

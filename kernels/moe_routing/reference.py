@@ -27,12 +27,35 @@ from typing import Optional
 import torch
 
 
-def topk_softmax_routing(logits_TE: torch.Tensor, k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts, keep the top k (descending); renormalise the k weights to sum to 1 when asked."""
+def _check_routing_inputs(logits_TE: torch.Tensor, k: int) -> None:
     if logits_TE.dim() != 2:
         raise ValueError(f"router logits must be [tokens, experts], got shape {tuple(logits_TE.shape)}")
     if not 1 <= k <= logits_TE.shape[-1]:
         raise ValueError(f"top-k={k} must be in 1..{logits_TE.shape[-1]} (the number of experts)")
+
+
+def _check_permute_inputs(x_TD: torch.Tensor, indices_TK: torch.Tensor) -> None:
+    if x_TD.dim() != 2 or indices_TK.dim() != 2 or x_TD.shape[0] != indices_TK.shape[0]:
+        raise ValueError(
+            f"permute expects x [T, D] and indices [T, K] with the same T, got {tuple(x_TD.shape)} "
+            f"and {tuple(indices_TK.shape)}"
+        )
+
+
+def _check_unpermute_inputs(
+    y_perm_TkD: torch.Tensor, sorted_token_ids_Tk: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int
+) -> None:
+    k = weights_TK.shape[-1]
+    if y_perm_TkD.shape[0] != num_tokens * k or sorted_token_ids_Tk.shape[0] != num_tokens * k:
+        raise ValueError(
+            f"unpermute got {y_perm_TkD.shape[0]} expert rows and {sorted_token_ids_Tk.shape[0]} ids for "
+            f"{num_tokens} tokens x top-{k}; expected {num_tokens * k} of each"
+        )
+
+
+def topk_softmax_routing(logits_TE: torch.Tensor, k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, keep the top k (descending); renormalise the k weights to sum to 1 when asked."""
+    _check_routing_inputs(logits_TE, k)
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     weights_TK, indices_TK = torch.topk(probs_TE, k, dim=-1)
     if normalize:
@@ -49,11 +72,7 @@ def permute(
     sorted_token_ids[i] // K, routed copy sorted_token_ids[i] = t * K + k. Pass num_experts
     whenever it is known: without it E = max(indices) + 1, which misses idle trailing experts.
     """
-    if x_TD.dim() != 2 or indices_TK.dim() != 2 or x_TD.shape[0] != indices_TK.shape[0]:
-        raise ValueError(
-            f"permute expects x [T, D] and indices [T, K] with the same T, got {tuple(x_TD.shape)} "
-            f"and {tuple(indices_TK.shape)}"
-        )
+    _check_permute_inputs(x_TD, indices_TK)
     k = indices_TK.shape[1]
     flat_experts_Tk = indices_TK.reshape(-1)
     if num_experts is None:
@@ -68,12 +87,8 @@ def unpermute(
     y_perm_TkD: torch.Tensor, sorted_token_ids_Tk: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
     """Put expert outputs back in (token, k) order and combine them: y[t] = sum_k w[t, k] * y_copy[t, k]."""
+    _check_unpermute_inputs(y_perm_TkD, sorted_token_ids_Tk, weights_TK, num_tokens)
     k = weights_TK.shape[-1]
-    if y_perm_TkD.shape[0] != num_tokens * k or sorted_token_ids_Tk.shape[0] != num_tokens * k:
-        raise ValueError(
-            f"unpermute got {y_perm_TkD.shape[0]} expert rows and {sorted_token_ids_Tk.shape[0]} ids for "
-            f"{num_tokens} tokens x top-{k}; expected {num_tokens * k} of each"
-        )
     # inverse permutation: copy c = t * K + k sits at row inverse[c] of y_perm
     inverse_Tk = torch.empty_like(sorted_token_ids_Tk)
     inverse_Tk[sorted_token_ids_Tk] = torch.arange(sorted_token_ids_Tk.numel(), device=sorted_token_ids_Tk.device)

@@ -14,6 +14,7 @@ from onerec.inference.beam_search import constrained_beam_search
 from onerec.inference.exhaustive import exhaustive_top_k
 from onerec.model.onerec import EncoderMemory, ModelOutput, OneRecModel
 from onerec.tokenizer.trie import build_trie
+from catalogue_helpers import random_catalogue
 
 
 class FakeModel(nn.Module):
@@ -54,17 +55,6 @@ class FakeModel(nn.Module):
         logits = torch.stack([self.decode_step(memory, flat_BT[:, :t]) for t in range(M * L)], dim=1)
         zero = torch.zeros(())
         return ModelOutput(logits.view(B, M, L, self.C), zero, zero, torch.zeros(0, 0))
-
-
-def random_catalogue(num_items: int, sizes: list[int], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    seen, rows = set(), []
-    while len(rows) < num_items:
-        row = tuple(int(torch.randint(0, s, (1,), generator=g)) for s in sizes)
-        if row not in seen:
-            seen.add(row)
-            rows.append(row)
-    return torch.tensor(rows)
 
 
 def real_model(sizes, seed, moe=True, user_buckets=0):
