@@ -328,6 +328,20 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is laid out over ranks; everything not listed here is data parallel."""
+
+    # Ranks that share one copy of the experts, each holding num_experts / expert_parallel_size
+    # of them; tokens reach their experts by all-to-all. Must divide model.moe.num_experts and
+    # the world size (checked when the process group is known).
+    expert_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.expert_parallel_size < 1:
+            raise ConfigError(f"parallel.expert_parallel_size={self.expert_parallel_size}: expected >= 1")
+
+
+@dataclass
 class RootConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -339,6 +353,7 @@ class RootConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RootConfig:

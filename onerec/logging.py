@@ -1,7 +1,19 @@
 """Run logging: console, a metrics.jsonl of training curves, and Weights & Biases.
 
 Only rank 0 writes anything. When W&B is disabled the W&B sink is simply absent, so
-callers never branch on it.
+callers never branch on it. Every scalar goes to both sinks under the same name; W&B
+prefixes it with the stage (`pretrain/loss`, `tokenize/codebook/level0/utilization`).
+
+What the stages log (metric names, all scalars so metrics.jsonl stays plain JSON):
+
+    pretrain  loss, ntp_loss, aux_loss, z_loss, lr, epoch, samples_per_s, tokens, tokens_per_s,
+              moe/load/layer{l}/expert{e} (share of routed copies), moe/load_max/layer{l}
+              (max share x E: 1.0 when balanced), valid/<metric>
+    tokenize  codebook/level{l}/{utilization, entropy, perplexity}, codebook/collision_rate
+
+`logging.wandb=offline` needs no network: the run is written under
+<run dir>/wandb/offline-run-*/ (a run-*.wandb event file) and uploaded later with
+`wandb sync <that directory>`.
 """
 
 from __future__ import annotations
@@ -10,6 +22,8 @@ import json
 import logging
 import os
 import sys
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,6 +83,10 @@ class RunLogger:
                 reinit="finish_previous",
             )
 
+    def wandb_payload(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The dict sent to W&B for `metrics`: the same scalars, prefixed with the stage."""
+        return {f"{self.stage}/{k}": v for k, v in metrics.items()}
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
@@ -77,7 +95,7 @@ class RunLogger:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._wandb_run is not None:
-            self._wandb_run.log({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
+            self._wandb_run.log(self.wandb_payload(metrics), step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb_run is not None:
@@ -90,6 +108,59 @@ class RunLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def expert_load_scalars(load_LE: Any) -> dict[str, float]:
+    """Per-layer expert load as scalars: the share of routed copies per expert, and the
+    busiest expert's share times E (1.0 when perfectly balanced, E when one expert takes all).
+
+    load_LE: [MoE layers, E] shares (ModelOutput.expert_load), a tensor or nested lists.
+    """
+    rows = load_LE.tolist() if hasattr(load_LE, "tolist") else load_LE
+    scalars: dict[str, float] = {}
+    for layer, shares in enumerate(rows):
+        for expert, share in enumerate(shares):
+            scalars[f"moe/load/layer{layer}/expert{expert}"] = float(share)
+        if shares:
+            scalars[f"moe/load_max/layer{layer}"] = float(max(shares)) * len(shares)
+    return scalars
+
+
+def codebook_scalars(stats: dict[str, Any]) -> dict[str, float]:
+    """Codebook health from the tokenizer's statistics (semantic_ids.codebook_stats)."""
+    scalars: dict[str, float] = {}
+    for level, values in enumerate(stats.get("per_level", [])):
+        for name in ("utilization", "entropy", "perplexity"):
+            if name in values:
+                scalars[f"codebook/level{level}/{name}"] = float(values[name])
+    if "collision_rate_before_dedup" in stats:
+        scalars["codebook/collision_rate"] = float(stats["collision_rate_before_dedup"])
+    return scalars
+
+
+class RateMeter:
+    """Units per second over the last `window` steps, from the times between step calls.
+
+    update(n) is called at the start of each step with that step's units; the rate covers
+    the steps that have finished since the oldest remembered call (the current step's own
+    work is not timed yet). 0.0 until two calls have been seen.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._calls: deque[tuple[float, float]] = deque(maxlen=max(1, window) + 1)
+
+    def reset(self) -> None:
+        """Forget the window (e.g. after an evaluation, so its time is not counted as training)."""
+        self._calls.clear()
+
+    def update(self, units: float, now: Optional[float] = None) -> float:
+        self._calls.append((time.perf_counter() if now is None else now, float(units)))
+        if len(self._calls) < 2:
+            return 0.0
+        first_time = self._calls[0][0]
+        finished = sum(units for _, units in list(self._calls)[:-1])
+        elapsed = self._calls[-1][0] - first_time
+        return finished / elapsed if elapsed > 0 else 0.0
 
 
 def write_json_atomic(path: Path, payload: Any, indent: Optional[int] = 2) -> None:

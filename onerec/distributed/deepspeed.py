@@ -1,4 +1,5 @@
-"""The one place that imports DeepSpeed: process-group set-up and the training engine.
+"""The one place that imports DeepSpeed: process-group set-up, the training engine, and
+the expert-parallel groups and engine wiring that expert_parallel.py builds on.
 
 Every stage trains through a DeepSpeed engine, one process or many, CPU (gloo) or GPU
 (nccl). Mixed precision is torch autocast around the forward pass with fp32 master
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from onerec.config import TrainConfig
 
@@ -77,13 +79,20 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     )
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config derived from TrainConfig (nothing else configures the engine)."""
+def deepspeed_config(
+    cfg: TrainConfig, micro_batch_size: int, world_size: int, expert_parallel: bool = False
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config derived from TrainConfig (nothing else configures the engine).
+
+    With sharded experts under ZeRO 0 the engine's clipping is off: build_engine clips by the
+    exact global norm instead (see expert_parallel.expert_parallel_grad_clipper).
+    """
+    engine_clips = not (expert_parallel and cfg.zero_stage == 0)
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "train_batch_size": micro_batch_size * world_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": cfg.grad_clip if engine_clips else 0.0,
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -99,16 +108,125 @@ def build_engine(
     micro_batch_size: int,
     world_size: int,
 ):
-    """Wrap model + optimizer + scheduler in a DeepSpeed engine (gradient all-reduce, clipping, ZeRO)."""
+    """Wrap model + optimizer + scheduler in a DeepSpeed engine (gradient all-reduce, clipping, ZeRO).
+
+    A model whose experts were sharded by apply_expert_parallel gets, before the engine is
+    built: expert/dense optimizer param groups, the MoE marker DeepSpeed keys its expert
+    gradient reduction on, and (ZeRO 0) exact global-norm clipping.
+    """
     import deepspeed
 
+    from onerec.distributed.expert_parallel import expert_parallel_grad_clipper, has_expert_parallel_params
+
+    expert_parallel = has_expert_parallel_params(model)
+    engine_module = model
+    if expert_parallel:
+        split_moe_param_groups(optimizer, scheduler)
+        engine_module = expert_parallel_engine_module(model)
+        if cfg.zero_stage == 0 and cfg.grad_clip > 0:
+            optimizer.register_step_pre_hook(expert_parallel_grad_clipper(model, cfg.grad_clip))
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=engine_module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, micro_batch_size, world_size),
+        config=deepspeed_config(cfg, micro_batch_size, world_size, expert_parallel),
     )
     return engine
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel / expert-data-parallel groups of size ep."""
+    return f"ep_size_{ep_size}"
+
+
+def create_expert_parallel_groups(ep_size: int):
+    """DeepSpeed's expert-parallel and expert-data-parallel groups for `ep_size`; (this rank's
+    expert-parallel group, its rank in it). Idempotent: existing groups of that name are reused.
+
+    Consecutive ranks form an expert-parallel group ([0, 1], [2, 3] for ep=2 on 4 ranks), the
+    ranks at the same position of every group an expert-data-parallel group ([0, 2], [1, 3]).
+    """
+    from deepspeed.utils import groups
+
+    groups._create_expert_and_data_parallel(ep_size)
+    name = group_name(ep_size)
+    return groups._get_expert_parallel_group(name), groups._get_expert_parallel_rank(name)
+
+
+def expert_parallel_group(name: str):
+    """The expert-parallel process group of this rank for a group name like 'ep_size_2'."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(name)
+
+
+def split_moe_param_groups(optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+    """Split the optimizer's groups into dense and expert groups, in place, as DeepSpeed needs.
+
+    DeepSpeed's ZeRO 1/2 optimizer partitions each group over one process group: expert
+    groups (marked `moe: True`, named by the parameters' group_name) over the
+    expert-data-parallel group, the rest over the data-parallel group.
+    deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer builds exactly
+    those groups. The optimizer (and an LR scheduler keyed on its groups) already exists
+    when the engine is built, so the groups are replaced in place and the scheduler's
+    per-group lists are extended to match (each new group inherits its parent's settings,
+    initial_lr included).
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    groups = optimizer.param_groups
+    for index, group in enumerate(groups):
+        group.setdefault("name", f"group{index}")
+    new_groups = split_params_into_different_moe_groups_for_optimizer(list(groups))
+    new_groups = [g for g in new_groups if g["params"]]
+    optimizer.param_groups[:] = new_groups
+    if scheduler is None:
+        return
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in new_groups]
+    if hasattr(scheduler, "lr_lambdas"):
+        if len(set(map(id, scheduler.lr_lambdas))) != 1:
+            raise NotImplementedError("expert parallelism supports an LR schedule with one lambda for all groups")
+        scheduler.lr_lambdas = [scheduler.lr_lambdas[0]] * len(new_groups)
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [g["lr"] for g in new_groups]
+
+
+def expert_parallel_engine_module(model: nn.Module) -> nn.Module:
+    """Wrap `model` so the DeepSpeed engine treats it as an MoE model.
+
+    DeepSpeed 0.19 turns on its expert-aware paths (expert gradient reduction over the
+    expert-data-parallel group in ZeRO 0, expert param groups in ZeRO 1/2, expert-group
+    broadcasts at start-up) only when the module tree contains a deepspeed.moe.layer.MoE.
+    This wrapper is one, without DeepSpeed's own gate and experts (MoE.__init__ is skipped):
+    it only forwards to the wrapped model, and owns no state of its own, so the wrapped
+    model's state_dict keys are unchanged for everything that holds the model directly.
+    """
+    from deepspeed.moe.layer import MoE
+
+    from onerec.distributed.expert_parallel import is_expert_param, moe_layers
+
+    class ExpertParallelModel(MoE):
+        def __init__(self, inner: nn.Module, num_experts: int, ep_size: int) -> None:
+            nn.Module.__init__(self)
+            self.model = inner
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.expert_group_name = group_name(ep_size)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """Groups were created by apply_expert_parallel; nothing to do here."""
+
+        def forward(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+    layers = moe_layers(model)
+    experts = [p for p in model.parameters() if is_expert_param(p)]
+    assert layers and experts, "call apply_expert_parallel first"
+    num_experts = layers[0].router.num_experts
+    ep_size = int(experts[0].group_name.rsplit("_", 1)[1])
+    return ExpertParallelModel(model, num_experts, ep_size)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

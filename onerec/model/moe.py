@@ -9,7 +9,10 @@ E experts, K experts per token, Tk = T * K routed copies.
          -> dispatcher.combine  -> y_TD
 
 Experts only ever see permuted tokens and tokens_per_expert, so expert parallelism is a
-different dispatcher (all-to-all across ranks), applied from outside the model.
+different dispatcher (all-to-all across ranks, onerec.distributed.expert_parallel), applied
+from outside the model: it hands the Experts module only the rows of its E_local = E / ep
+experts, with tokens_per_local_expert of length E_local, and the Experts weights are sliced
+to those E_local experts.
 """
 
 from __future__ import annotations
@@ -97,13 +100,16 @@ class Experts(nn.Module):
         # A loop over experts with one host read of the counts per layer. The grouped GEMM
         # goes here (torch._grouped_mm / a Triton kernel over the same contiguous slices,
         # no host sync) and replaces this loop on GPU.
+        # An expert with no rows still runs (a free 0-row matmul) so that every expert weight
+        # is in the autograd graph: under expert parallelism a rank whose experts got no tokens
+        # must still produce (zero) gradients, or DeepSpeed's gradient reduction would wait on it.
+        # unbind once: indexing w[e] per expert would make backward write a full [E, D, F]
+        # zero-padded gradient for every expert (7x slower on CPU at E = 24).
+        w1_per_expert, w2_per_expert = self.w1_EDF.unbind(0), self.w2_EFD.unbind(0)
         outputs = []
         for e, chunk in enumerate(torch.split(x_perm_TkD, tokens_per_expert_E.tolist())):
-            if chunk.shape[0]:
-                hidden = self.dropout(F.gelu(chunk @ self.w1_EDF[e]))
-                outputs.append(hidden @ self.w2_EFD[e])
-            else:
-                outputs.append(chunk)
+            hidden = self.dropout(F.gelu(chunk @ w1_per_expert[e]))
+            outputs.append(hidden @ w2_per_expert[e])
         return torch.cat(outputs, dim=0)
 
 

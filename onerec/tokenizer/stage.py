@@ -11,6 +11,7 @@ cache (cache/embeddings.safetensors) so a re-run with the same texts skips the e
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import datasets
 import numpy as np
 import torch
 
-from onerec.config import RootConfig
+from onerec.config import RootConfig, to_dict
 from onerec.distributed.deepspeed import resolve_device
+from onerec.logging import RunLogger, codebook_scalars
 from onerec.paths import RunPaths
 from onerec.tokenizer.embed import embed_texts
 from onerec.tokenizer.rq_kmeans import residual_kmeans
@@ -110,6 +112,12 @@ def main(cfg: RootConfig) -> Path:
             "model could not tell them apart: set tokenizer.dedup=true, or raise tokenizer.levels / codebook_size"
         )
     SemanticIds(codes_NL, sizes, tok.levels, stats).save(paths.semantic_ids)
+    # Codebook utilisation to metrics.jsonl and W&B (rank 0 only, like every stage's metrics).
+    run_logger = RunLogger(cfg.logging, paths.root, "tokenize", to_dict(cfg), rank=int(os.environ.get("RANK", "0")))
+    try:
+        run_logger.log(codebook_scalars(stats), step=0)
+    finally:
+        run_logger.close()
     log.info("semantic IDs %s written to %s in %.1fs", sizes, paths.semantic_ids, time.perf_counter() - started)
     return paths.semantic_ids
 
