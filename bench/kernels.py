@@ -41,7 +41,6 @@ import shlex
 import statistics
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -138,9 +137,10 @@ def our_decode(logits_LNC, trie, B: int, W: int):
     scores_N[::W] = 0.0  # one live root beam per request (as onerec.inference.beam_search)
     states_N = torch.zeros(N, dtype=torch.long, device=device)
     generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
-    for logits_NC in logits_LNC:
+    for depth, logits_NC in enumerate(logits_LNC):
+        local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
         tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
-            logits_NC, scores_N, states_N, trie.child_tokens, trie.child_nodes, W
+            logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W
         )
         generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
     return generated_NT, scores_N
@@ -250,15 +250,6 @@ def moe_flops(T: int, D: int, F: int, E: int, K: int) -> float:
     return 3 * (2 * T * K * (D * F + F * D) + 2 * T * D * E)
 
 
-def _experts_forward_unbound(self, x_perm_TkD, tokens_per_expert_E):
-    """onerec.model.moe.Experts.forward with one unbind of the stacked weights per call."""
-    w1_DF, w2_FD = self.w1_EDF.unbind(0), self.w2_EFD.unbind(0)
-    outputs = []
-    for e, chunk in enumerate(torch.split(x_perm_TkD, tokens_per_expert_E.tolist())):
-        outputs.append(torch.nn.functional.gelu(chunk @ w1_DF[e]) @ w2_FD[e] if chunk.shape[0] else chunk)
-    return torch.cat(outputs, dim=0)
-
-
 def bench_moe(args, device) -> tuple[list[dict], dict]:
     from onerec.model.moe import MoEFeedForward
 
@@ -297,19 +288,6 @@ def bench_moe(args, device) -> tuple[list[dict], dict]:
         ours.dispatcher.combine(x_perm, routed.weights_TK.to(dtype), handle).backward(grad_y)
 
     record("ours", ours_layer, ours_routing, "onerec MoEFeedForward (kernels backend auto)")
-
-    # Diagnostic: the same layer with its experts' weights split once per call (unbind)
-    # instead of indexed per expert. Indexing w1_EDF[e] makes autograd materialise a full
-    # [E, D, F] zero gradient per expert in backward (E^2 D F writes); unbind stacks once.
-    unbound = MoEFeedForward(D, F, E, K, dropout=0.0).to(device=device, dtype=dtype)
-    unbound.load_state_dict(ours.state_dict())
-    unbound.experts.forward = types.MethodType(_experts_forward_unbound, unbound.experts)
-
-    def unbound_layer():
-        y, _ = unbound(x)
-        y.backward(grad_y)
-
-    record("ours, experts unbound", unbound_layer, None, "diagnostic: ours with expert weights unbound once")
 
     # megatron-core's unfused routing around the same experts
     try:
@@ -477,9 +455,6 @@ def main(argv=None) -> dict:
             "'same beams' = share of requests whose W ranked beams are identical between ours and hf-style.",
             "MoE: ours and megatron run the same experts module (a loop over experts with one host read "
             "of the counts); deepspeed runs its own E expert copies on capacity-padded slots.",
-            "'ours, experts unbound' differs from ours only in how Experts.forward reads its stacked weights: "
-            "w1_EDF[e] per expert makes backward write a full [E, D, F] zero gradient per expert; one unbind() "
-            "per call does not. The gap between the two rows is that cost, not routing.",
             "TFLOP/s counts the useful FLOPs of T*K routed copies (fwd + bwd = 3x fwd) for every implementation.",
         ],
     )

@@ -73,11 +73,12 @@ def constrained_beam_search(
     scores_N[::W] = 0.0
     states_N = torch.zeros(N, dtype=torch.long, device=device)
     generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
-    for _ in range(L):
+    for depth in range(L):
         # Dead beams carry -1 tokens; feed them as code 0 (their logits are never used).
         logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
+        local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
         tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
-            logits_NC, scores_N, states_N, trie.child_tokens, trie.child_nodes, W
+            logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W
         )
         generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
 
@@ -139,10 +140,11 @@ def generate_sessions(
     generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
     items_NM = torch.full((N, M), -1, dtype=torch.long, device=device)
     for m in range(M):
-        for _ in range(L):
+        for depth in range(L):
             logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
+            local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
             tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
-                logits_NC, scores_N, states_N, trie.child_tokens, trie.child_nodes, W
+                logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W
             )
             generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
             items_NM = items_NM[parents_N]

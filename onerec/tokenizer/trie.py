@@ -10,6 +10,12 @@ once with no per-beam Python work:
     child_tokens[n] = [code of child 0, code of child 1, ..., -1 padding]   (ascending codes)
     child_nodes[n]  = [node id of child 0, ...,                 -1 padding]
     node_item[n]    = item_index when n is a complete tuple (depth L), else -1
+
+Bm is the widest node anywhere (the root, usually: a full codebook), but deeper nodes have
+a handful of children. Decoding therefore uses per-depth tables: the rows of depth-d nodes
+only (a contiguous id range, since nodes are numbered depth by depth), as wide as the widest
+of them. A step at depth d reads `level_child_tokens[d][state - depth_starts[d]]`, so its cost
+follows the real branching, and the tables together hold about one entry per trie edge.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ class Trie:
     node_item: torch.Tensor  # [Nn] int64
     depth: int
     codebook_sizes: list[int]
+    depth_starts: list[int]  # depth-d node ids are [depth_starts[d], depth_starts[d + 1]); L + 2 entries
+    level_child_tokens: list[torch.Tensor]  # [d]: [nodes at depth d, their max children] int64, d < L
+    level_child_nodes: list[torch.Tensor]  # same rows: global child node ids
 
     def to(self, device) -> "Trie":
         return Trie(
@@ -35,7 +44,19 @@ class Trie:
             self.node_item.to(device),
             self.depth,
             list(self.codebook_sizes),
+            list(self.depth_starts),
+            [t.to(device) for t in self.level_child_tokens],
+            [t.to(device) for t in self.level_child_nodes],
         )
+
+    def step_tables(self, depth: int, states_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(states relative to the depth's table, its child tokens, its child nodes) for beams at `depth`.
+
+        Dead beams (-1) stay -1; live ones must sit on depth-`depth` nodes, as they do in a
+        decode where every beam advances one level per step.
+        """
+        local_N = torch.where(states_N >= 0, states_N - self.depth_starts[depth], states_N)
+        return local_N, self.level_child_tokens[depth], self.level_child_nodes[depth]
 
     def num_items(self) -> int:
         return int((self.node_item >= 0).sum())
@@ -77,12 +98,14 @@ def build_trie(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> Trie:
     parent_ids, tokens = [], []
     prefix_node_N = np.zeros(N, dtype=np.int64)  # node of each row's prefix at the previous depth
     next_id = 1
+    depth_starts = [0, 1]
     for d in range(1, L + 1):
         new_N = ~same_as_previous[:, d]
         node_N = next_id + np.cumsum(new_N) - 1
         parent_ids.append(prefix_node_N[new_N])
         tokens.append(rows[new_N, d - 1])
         next_id += int(new_N.sum())
+        depth_starts.append(next_id)
         prefix_node_N = node_N
     leaf_node_N = prefix_node_N
 
@@ -99,10 +122,19 @@ def build_trie(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> Trie:
     child_nodes[parent, slot] = np.arange(1, num_nodes)
     node_item = np.full(num_nodes, -1, dtype=np.int64)
     node_item[leaf_node_N] = order
+    level_tokens, level_nodes = [], []
+    for d in range(L):  # children are left-packed, so the first `width` columns hold them all
+        rows = slice(depth_starts[d], depth_starts[d + 1])
+        level_width = int(child_count[rows].max())
+        level_tokens.append(torch.from_numpy(child_tokens[rows, :level_width].copy()))
+        level_nodes.append(torch.from_numpy(child_nodes[rows, :level_width].copy()))
     return Trie(
         torch.from_numpy(child_tokens),
         torch.from_numpy(child_nodes),
         torch.from_numpy(node_item),
         L,
         list(codebook_sizes),
+        depth_starts,
+        level_tokens,
+        level_nodes,
     )

@@ -120,3 +120,23 @@ def test_to_moves_every_table_and_keeps_metadata():
     if torch.cuda.is_available():
         on_gpu = trie.to("cuda")
         assert on_gpu.child_tokens.is_cuda and on_gpu.child_nodes.is_cuda and on_gpu.node_item.is_cuda
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=40, unique=True))
+def test_per_depth_tables_are_the_dense_rows_of_that_depth_cut_to_its_widest_node(rows):
+    trie = build_trie(torch.tensor(rows), [6, 4, 5])
+    starts = trie.depth_starts
+    assert starts[0] == 0 and starts[1] == 1 and starts[-1] == trie.num_nodes and len(starts) == trie.depth + 2
+    for d in range(trie.depth):
+        dense_tokens = trie.child_tokens[starts[d] : starts[d + 1]]
+        width = trie.level_child_tokens[d].shape[1]
+        assert torch.equal(trie.level_child_tokens[d], dense_tokens[:, :width])
+        assert torch.equal(trie.level_child_nodes[d], trie.child_nodes[starts[d] : starts[d + 1], :width])
+        assert (dense_tokens[:, width:] == -1).all(), "a cut column held a child"
+        assert (trie.level_child_tokens[d][:, width - 1] >= 0).any(), "the table is wider than its widest node"
+        children = trie.level_child_nodes[d][trie.level_child_nodes[d] >= 0]
+        assert ((children >= starts[d + 1]) & (children < starts[d + 2])).all()
+    states = torch.tensor([-1, starts[1], starts[2] - 1])
+    local, tokens, nodes = trie.step_tables(1, states)
+    assert local.tolist() == [-1, 0, starts[2] - 1 - starts[1]] and tokens is trie.level_child_tokens[1]
