@@ -6,11 +6,14 @@ A checkpoint is a directory:
         model.safetensors     model weights
         train_state.pt        optimizer, scheduler, progress and RNG state: only tensors and
                               plain Python values, so it loads with torch.load(weights_only=True)
-        manifest.json         step, sha256 of each file, the resolved config
+        manifest.json         step, sha256 and size of each file, the resolved config
 
-It is written into a hidden temporary directory and renamed into place, so a crash
-never leaves a half-written `step_*` directory; the manifest's checksums catch a file
-that was damaged afterwards, and loading falls back to the previous checkpoint.
+It is written into a hidden temporary directory and renamed into place, so a crash (even
+a SIGKILL) never leaves a half-written `step_*` directory; the manifest's sizes and
+checksums catch a file that was damaged afterwards (say, truncated by a full disk or a
+partial copy), and `resolve_resume("auto")` falls back to the previous checkpoint.
+Weights with a NaN/inf in them are refused: a checkpoint is never written from a
+poisoned state.
 """
 
 from __future__ import annotations
@@ -60,16 +63,26 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` under `directory` atomically and keep only the newest `keep`."""
+    bad = [name for name, tensor in model.state_dict().items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CheckpointError(
+            f"refusing to write checkpoint step {step} to {directory}: non-finite values in {', '.join(bad[:5])}"
+        )
     directory.mkdir(parents=True, exist_ok=True)
+    # One writer per stage directory (rank 0), so any other temporary directory was left
+    # by a writer that was killed mid-save.
+    for stale in directory.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     final = directory / _step_dir_name(step)
     tmp = directory / f".tmp-{_step_dir_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     torch.save(train_state, tmp / STATE_FILE)
+    names = (MODEL_FILE, STATE_FILE)
     manifest = {
         "step": step,
-        "files": {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)},
+        "files": {name: _sha256(tmp / name) for name in names},
+        "sizes": {name: (tmp / name).stat().st_size for name in names},
         "config": config,
     }
     write_json_atomic(tmp / MANIFEST_FILE, manifest)
@@ -97,10 +110,14 @@ def verify_checkpoint(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    sizes = manifest.get("sizes", {})  # absent in checkpoints written before sizes were recorded
     for name, expected in manifest.get("files", {}).items():
         file_path = path / name
         if not file_path.is_file():
             raise CheckpointError(f"{file_path}: missing")
+        size = file_path.stat().st_size
+        if name in sizes and size != sizes[name]:
+            raise CheckpointError(f"{file_path}: truncated or corrupted file ({size} bytes, expected {sizes[name]})")
         if _sha256(file_path) != expected:
             raise CheckpointError(f"{file_path}: checksum mismatch (truncated or corrupted file)")
     return manifest

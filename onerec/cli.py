@@ -79,11 +79,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config, overrides)
         _stage_main(args.command)(cfg)
         return 0
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        if os.environ.get("ONEREC_DEBUG") == "1":  # full traceback for bug reports
+    except Exception as err:
+        if not _is_user_error(err) or os.environ.get("ONEREC_DEBUG") == "1":  # full traceback for bug reports
             raise
         logging.getLogger("onerec").error("%s", err)
         return 2
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Errors whose message already says what to fix: bad config or input, a damaged checkpoint,
+    a run that kept producing NaN/inf (NonFiniteLossError is a FloatingPointError)."""
+    if isinstance(err, (ConfigError, ValueError, FileNotFoundError, FloatingPointError)):
+        return True
+    # onerec.checkpoint imports torch; look it up only if a stage has loaded it already.
+    checkpoint = sys.modules.get("onerec.checkpoint")
+    return checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
 
 
 if __name__ == "__main__":

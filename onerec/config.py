@@ -182,8 +182,13 @@ class TrainConfig:
     log_every: int = 50
     resume: str = "none"  # none | auto (latest checkpoint in the stage directory) | a checkpoint path
     num_workers: int = 0
+    # A step whose loss or gradient norm is NaN/inf is skipped (no update); this many in a
+    # row stop the run, since the model or the data is then broken rather than unlucky.
+    # 0 stops at the first one.
+    max_nonfinite_steps: int = 20
 
     def __post_init__(self) -> None:
+        _check_positive("train", "max_nonfinite_steps", self.max_nonfinite_steps, allow_zero=True)
         _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train", "zero_stage", self.zero_stage, (0, 1, 2))
         _check_positive("train", "batch_size", self.batch_size)

@@ -3,15 +3,26 @@ validation with early stopping, best-weights copy, atomic resumable checkpoints.
 
 Data order is a pure function of (seed, epoch): each epoch is a seeded permutation of
 example indices, split into global batches, each rank taking its slice. A checkpoint
-therefore only needs the step counter to find its place again, plus the torch RNG state
-for dropout; a resumed CPU run reproduces the uninterrupted run's losses exactly.
+therefore only needs the step counter to find its place again, plus each rank's torch RNG
+state for dropout; a resumed CPU run reproduces the uninterrupted run's losses exactly, also
+when torchrun restarts a whole multi-process job after one of its ranks died.
+
+A step whose loss (checked before backward) or gradient norm (checked before the optimizer
+step) is NaN/inf is skipped on every rank: no update, gradients dropped, the batch consumed
+and the step counted, so data order and LR schedule stay a function of the step. More than
+`train.max_nonfinite_steps` such steps in a row stop the run with NonFiniteLossError; the
+weights never take a non-finite update, so no checkpoint is written from a poisoned state.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -32,6 +43,23 @@ BEST_WEIGHTS = "best/model.safetensors"
 StepFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 # () -> validation metrics (every rank calls it; it returns the same numbers everywhere)
 EvalFn = Callable[[], dict[str, float]]
+
+# Fault injection for recovery tests: "RANK:STEP" makes that rank SIGKILL itself right after
+# the update of STEP, on the first attempt only (torchrun counts restarts in
+# TORCHELASTIC_RESTART_COUNT), so a job run with --max-restarts must come back by itself.
+FAULT_ENV = "ONEREC_FAULT_SIGKILL"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many steps in a row with a NaN/inf loss or gradient: skipping them will not help."""
+
+
+def _fault_step(rank: int) -> Optional[int]:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    fault_rank, _, fault_step = spec.partition(":")
+    return int(fault_step) if int(fault_rank) == rank else None
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -124,47 +152,123 @@ class Trainer:
         self.best_metric = -math.inf
         self.best_step = -1
         self.evals_without_improvement = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._fault_step = _fault_step(dist_info.rank)
 
     # ----------------------------------------------------------------- state
+    def _gather_rng(self, state_X: torch.Tensor) -> torch.Tensor:
+        """Every rank's RNG state, stacked [world_size, X] (a collective: all ranks call it).
+
+        Ranks draw different amounts of dropout noise when their batches differ in size, so
+        after a restart each rank needs its own state back, not rank 0's.
+        """
+        if self.dist.world_size == 1:
+            return state_X.unsqueeze(0)
+        local_X = state_X.to(self.dist.device)
+        gathered = [torch.empty_like(local_X) for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather(gathered, local_X)
+        return torch.stack(gathered).cpu()
+
     def _train_state(self) -> dict[str, Any]:
         state = {
             "step": self.step,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "evals_without_improvement": self.evals_without_improvement,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_total": self.nonfinite_total,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "torch_rng_per_rank": self._gather_rng(torch.get_rng_state()),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
+            state["cuda_rng_per_rank"] = self._gather_rng(torch.cuda.get_rng_state())
         return state
+
+    def _rank_rng(self, state: dict[str, Any], key: str) -> torch.Tensor:
+        """This rank's saved RNG state; rank 0's when the world size changed (or an older checkpoint)."""
+        per_rank = state.get(f"{key}_per_rank")
+        if per_rank is not None and per_rank.shape[0] == self.dist.world_size:
+            return per_rank[self.dist.rank].clone()
+        return state[key]
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(self._rank_rng(state, "torch_rng"))
         if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
+            torch.cuda.set_rng_state(self._rank_rng(state, "cuda_rng"))
         self.step = int(state["step"])
         self.best_metric = float(state["best_metric"])
         self.best_step = int(state["best_step"])
         self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         log.info("resumed from %s at step %d", path, self.step)
 
     def _checkpoint(self) -> None:
+        train_state = self._train_state()  # every rank: it gathers the per-rank RNG states
         if self.dist.is_main:
             save_checkpoint(
                 self.stage_dir / "checkpoints",
                 self.step,
                 self.model,
-                self._train_state(),
+                train_state,
                 self.config_dict,
                 keep=self.cfg.keep_checkpoints,
             )
         if self.dist.world_size > 1:
             torch.distributed.barrier()
+
+    # ------------------------------------------------------- non-finite steps
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """True only if `ok` holds on every rank: one rank skipping a step alone would
+        leave the others waiting forever in the gradient all-reduce."""
+        if self.dist.world_size == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _grads_finite(self) -> bool:
+        """Whether the (already all-reduced) gradients are finite: one pass over them, one sync.
+
+        ZeRO-2 moves gradients into its own partitioned buffers during backward, leaving
+        `.grad` empty; there only the loss check applies.
+        """
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        return bool(torch.isfinite(norms).all().item())
+
+    def _skip_step(self, what: str, value: float) -> None:
+        """Drop this step's gradients, keep the LR schedule in step, count; stop after too many."""
+        self.engine.zero_grad()
+        if hasattr(self.engine.optimizer, "zero_grad"):
+            self.engine.optimizer.zero_grad()
+        with warnings.catch_warnings():
+            # LambdaLR warns when it steps before the optimizer ever has (a skipped first step).
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        log.warning(
+            "step %d: non-finite %s (%s), update skipped (%d in a row, %d in this run)",
+            self.step + 1, what, value, self.nonfinite_in_a_row, self.nonfinite_total,
+        )
+        if self.nonfinite_in_a_row > self.cfg.max_nonfinite_steps:
+            first = self.step + 2 - self.nonfinite_in_a_row
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} steps in a row (steps {first}-{self.step + 1}) had a non-finite "
+                f"loss or gradient, more than train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}: "
+                "lower train.lr, check the data, or resume from the last checkpoint "
+                f"in {self.stage_dir / 'checkpoints'} (none was written from the bad steps)"
+            )
 
     # ------------------------------------------------------------------ loop
     def _batches_from(self, step: int) -> Iterator[torch.Tensor]:
@@ -220,13 +324,21 @@ class Trainer:
             ):
                 loss, scalars = self.step_fn(self.engine, indices)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"non-finite loss ({loss_value}) at step {self.step}; lower train.lr or check the data"
-                )
-            self.engine.backward(loss)
-            self.engine.step()
+            # Checked before backward: a NaN loss would otherwise reach every rank's
+            # weights through the gradient all-reduce.
+            if not self._all_ranks_agree(math.isfinite(loss_value)):
+                self._skip_step("loss", loss_value)
+            else:
+                self.engine.backward(loss)
+                if not self._all_ranks_agree(self._grads_finite()):
+                    self._skip_step("gradient", loss_value)
+                else:
+                    self.engine.step()
+                    self.nonfinite_in_a_row = 0
             self.step += 1
+            if self.step == self._fault_step:
+                log.warning("%s: rank %d kills itself after step %d", FAULT_ENV, self.dist.rank, self.step)
+                os.kill(os.getpid(), signal.SIGKILL)
             window_samples += len(indices) * self.dist.world_size
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
@@ -240,6 +352,7 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "epoch": self.step / self.steps_per_epoch,
                         "samples_per_s": window_samples / max(elapsed, 1e-9),
+                        "nonfinite_steps": self.nonfinite_total,
                     },
                     self.step,
                 )

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from onerec.checkpoint import CheckpointError, list_checkpoints, resolve_resume, verify_checkpoint
-from onerec.config import LoggingConfig, TrainConfig
+from onerec.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_resume, verify_checkpoint
+from onerec.config import ConfigError, LoggingConfig, TrainConfig
 from onerec.distributed.deepspeed import init_distributed
 from onerec.logging import RunLogger
-from onerec.train.trainer import Trainer, epoch_batches, warmup_cosine
+from onerec.train.trainer import NonFiniteLossError, Trainer, epoch_batches, warmup_cosine
 
 NUM_EXAMPLES = 96
 
@@ -31,7 +31,10 @@ def _data():
     return x, x.sum(-1, keepdim=True)
 
 
-def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12):
+def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12, poison=None, max_nonfinite_steps=20,
+           seen=None):
+    """`poison(call)` -> None | "loss" (a NaN loss) | "grad" (a finite loss with NaN gradients);
+    `seen` collects a copy of the weights at each call."""
     dist_info = init_distributed("cpu")
     torch.manual_seed(0)
     model = Toy()
@@ -42,7 +45,16 @@ def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12):
         calls["n"] += 1
         if crash_at is not None and calls["n"] == crash_at:
             raise KeyboardInterrupt("simulated crash")
+        if seen is not None:
+            seen.append([p.detach().clone() for p in model.parameters()])
         loss = (engine(x[idx]) - y[idx]).pow(2).mean()
+        kind = poison(calls["n"]) if poison else None
+        if kind == "loss":
+            loss = loss * float("nan")
+        elif kind == "grad":
+            # torch.where's unselected branch: the value stays finite, its gradient is 0 * NaN = NaN
+            w = model.net[0].weight
+            loss = loss + torch.where(torch.tensor(False), torch.sqrt(-w.abs() - 1).sum(), torch.tensor(0.0))
         return loss, {}
 
     def eval_fn():
@@ -51,7 +63,7 @@ def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12):
 
     cfg = TrainConfig(
         batch_size=16, max_steps=max_steps, max_epochs=100, lr=1e-2, warmup_steps=2, eval_every=4,
-        checkpoint_every=4, log_every=1, resume=resume, patience=0,
+        checkpoint_every=4, log_every=1, resume=resume, patience=0, max_nonfinite_steps=max_nonfinite_steps,
     )
     logger = RunLogger(LoggingConfig(), stage_dir, "test", {}, rank=0)
     trainer = Trainer(cfg, model, NUM_EXAMPLES, step_fn, stage_dir, dist_info, logger, {}, seed=3, eval_fn=eval_fn)
@@ -93,12 +105,69 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     assert len(checkpoints) == 2  # keep_checkpoints default
     latest = checkpoints[-1] / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="checksum"):
+    with pytest.raises(CheckpointError, match="truncated") as err:
         verify_checkpoint(checkpoints[-1])
+    assert str(latest) in str(err.value)  # the message names the damaged file
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+        load_checkpoint(checkpoints[-1], Toy())
     with caplog.at_level("WARNING"):
         chosen = resolve_resume("auto", tmp_path / "checkpoints")
     assert chosen == checkpoints[-2]
-    assert "skipping checkpoint" in caplog.text
+    assert "skipping checkpoint" in caplog.text and str(latest) in caplog.text
+    # A real resume picks the previous checkpoint, replays from there and ends at the same place.
+    with caplog.at_level("INFO"):
+        resumed, _ = _train(tmp_path, resume="auto")
+    assert resumed.steps == 12
+    assert f"resumed from {checkpoints[-2]} at step 8" in caplog.text
+    verify_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])  # rewritten whole
+
+
+def test_truncated_train_state_is_named_and_an_explicit_resume_refuses_it(tmp_path):
+    _train(tmp_path, max_steps=4)
+    (checkpoint,) = list_checkpoints(tmp_path / "checkpoints")
+    state = checkpoint / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"{state}: truncated"):
+        _train(tmp_path / "other", resume=str(checkpoint))
+    assert resolve_resume("auto", tmp_path / "checkpoints") is None  # nothing valid left: start afresh
+
+
+def _logged(stage_dir: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def test_nonfinite_loss_and_gradient_steps_are_skipped_counted_and_logged(tmp_path, caplog):
+    seen = []
+    kinds = {3: "loss", 6: "grad"}
+    with caplog.at_level("WARNING"):
+        result, model = _train(tmp_path, poison=kinds.get, seen=seen)
+    assert result.steps == 12  # the run goes on, the poisoned batches are consumed
+    for call in kinds:  # the weights after the poisoned step are the weights before it: no update
+        for before, after in zip(seen[call - 1], seen[call]):
+            torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert not torch.equal(seen[0][0], seen[1][0])  # ...while healthy steps do update them
+    assert "step 3: non-finite loss (nan), update skipped (1 in a row, 1 in this run)" in caplog.text
+    assert "step 6: non-finite gradient" in caplog.text
+    assert _logged(tmp_path, "nonfinite_steps") == {s: (s >= 3) + (s >= 6) for s in range(1, 13)}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for checkpoint in list_checkpoints(tmp_path / "checkpoints"):
+        verify_checkpoint(checkpoint)
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run_before_any_checkpoint_of_them(tmp_path):
+    # Steps 2 and 3 are tolerated (max 2 in a row), 5-7 are one too many: the run stops in
+    # step 7, after the healthy step-4 checkpoint and before a step-8 one could be written.
+    bad = {2, 3, 5, 6, 7}
+    with pytest.raises(NonFiniteLossError, match=r"3 steps in a row \(steps 5-7\).*max_nonfinite_steps=2"):
+        _train(tmp_path, poison=lambda call: "loss" if call in bad else None, max_nonfinite_steps=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]
+    state = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[0], Toy())
+    assert (state["nonfinite_in_a_row"], state["nonfinite_total"]) == (0, 2)
+    with pytest.raises(NonFiniteLossError, match="steps 1-1"):  # 0: the first one stops the run
+        _train(tmp_path / "strict", poison=lambda call: "loss", max_nonfinite_steps=0)
+    with pytest.raises(ConfigError, match="max_nonfinite_steps"):
+        TrainConfig(max_nonfinite_steps=-1)
 
 
 def test_epoch_batches_cover_every_example_once_and_shard_by_rank():

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run one onerec stage with the DeepSpeed launcher: for clusters described by a hostfile
+# (the launcher reaches the other hosts over pdsh/ssh), or on this machine alone.
+#
+# Usage:
+#   HOSTFILE=hosts NUM_NODES=2 NUM_GPUS=8 launch/deepspeed.sh --config FILE run.out_dir=/shared/runs/x [key=value ...]
+#   NUM_GPUS=2 launch/deepspeed.sh --config FILE [key=value ...]          # this machine only
+#
+# A hostfile lists one host per line with its number of devices:
+#   node0 slots=8
+#   node1 slots=8
+# With a hostfile the launcher needs passwordless ssh to every host listed (it checks, then
+# starts the workers through pdsh), and run.out_dir on a file system they all see. On a
+# CPU-only machine every "GPU" is a gloo process.
+#
+# Everything after the script name goes to `onerec $STAGE` unchanged: --config FILE and
+# key=value config overrides.
+#
+# Env knobs:
+#   STAGE        onerec command to run (default pretrain)
+#   HOSTFILE     hostfile path (default: the launcher's /job/hostfile if present, else this machine only)
+#   NUM_NODES    how many of the hostfile's hosts to use (default: all)
+#   NUM_GPUS     devices (processes) per host (default: all; on a CPU machine set it,
+#                e.g. NUM_GPUS=2, since DeepSpeed otherwise counts NUMA nodes)
+#   MASTER_ADDR  address of the first host as the others see it (default: the launcher's choice)
+#   MASTER_PORT  rendezvous port (default 29500)
+#   LAUNCHER_BACKEND   pdsh (default), openmpi, mvapich, slurm, ...: the launcher's --launcher
+#   RESUME       auto (default) | none | a checkpoint directory: becomes train.resume
+#   ONEREC_ROOT, ONEREC_VENV, DEEPSPEED   see launch/common.sh
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+STAGE="${STAGE:-pretrain}"
+args=(--master_port "${MASTER_PORT:-29500}")
+[[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE" --launcher "${LAUNCHER_BACKEND:-pdsh}")
+[[ -n "${NUM_NODES:-}" ]] && args+=(--num_nodes "$NUM_NODES")
+[[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
+[[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
+
+onerec_stage_args "$@"
+set -x
+# --module: run onerec.cli as `python -m`; --no_local_rank: onerec reads LOCAL_RANK from the
+# environment instead of a --local_rank argument.
+exec "$DEEPSPEED" "${args[@]}" --no_local_rank --module onerec.cli "$STAGE" "${ONEREC_ARGS[@]}"

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Run one onerec stage under torchrun: one node or several, GPU (nccl) or CPU (gloo).
+#
+# Usage:
+#   launch/torchrun.sh --config FILE [key=value ...]            # pretrain on this node
+#   STAGE=pretrain NPROC_PER_NODE=8 launch/torchrun.sh --config configs/beauty/pipeline.yaml run.out_dir=runs/b
+#
+#   # two nodes, static rendezvous (run on each node, NODE_RANK 0 on the master):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh --config ...
+#   # two nodes, c10d rendezvous (same command on every node, ranks assigned on joining):
+#   NNODES=2 RDZV_ENDPOINT=node0:29400 launch/torchrun.sh --config ...
+#
+# Everything after the script name goes to `onerec $STAGE` unchanged: --config FILE and
+# key=value config overrides (see `onerec pretrain --help`).
+#
+# Env knobs:
+#   STAGE           onerec command to run (default pretrain, the one distributed stage)
+#   NPROC_PER_NODE  processes per node (default: the node's GPU count, 1 without a GPU)
+#   NNODES          number of nodes (default 1)
+#   NODE_RANK       this node's rank for a static rendezvous (default 0)
+#   MASTER_ADDR, MASTER_PORT   static rendezvous on rank 0's node (default 127.0.0.1:29500);
+#                   with MAX_RESTARTS > 0, a c10d rendezvous at that address instead
+#   RDZV_ENDPOINT   host:port of a c10d rendezvous; when set, used instead of MASTER_*
+#   RDZV_ID         rendezvous id shared by the nodes of one job (default onerec)
+#   MAX_RESTARTS    times torchrun restarts all workers after one fails (default 0); with
+#                   train.resume=auto (the default, see RESUME) they continue from the
+#                   newest valid checkpoint
+#   RESUME          auto (default) | none | a checkpoint directory: becomes train.resume
+#   ONEREC_ROOT, ONEREC_VENV, TORCHRUN   see launch/common.sh
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+STAGE="${STAGE:-pretrain}"
+NNODES="${NNODES:-1}"
+gpus="$(onerec_local_gpus)"
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+
+args=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --max_restarts "$MAX_RESTARTS")
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+    args+=(--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-onerec}")
+elif [[ "$NNODES" == "1" && -z "${MASTER_ADDR:-}" ]]; then
+    # One node: a private c10d rendezvous on a free local port, so two jobs never collide.
+    args+=(--standalone)
+elif [[ "$MAX_RESTARTS" != "0" ]]; then
+    # The static rendezvous always shares one store across restarts (see common.sh), so a
+    # job that may restart meets on a c10d rendezvous at the same address instead.
+    args+=(--rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-onerec}")
+else
+    args+=(--node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+fi
+
+onerec_stage_args "$@"
+set -x
+exec "$TORCHRUN" "${args[@]}" -m onerec.cli "$STAGE" "${ONEREC_ARGS[@]}"
