@@ -24,12 +24,12 @@ import torch
 from onerec.align.ipa import Prompts, evaluate_alignment, ipa_round, latest_training_prompts
 from onerec.align.reward_stage import load_reward
 from onerec.checkpoint import save_weights
-from onerec.config import RootConfig
+from onerec.config import RootConfig, to_dict
 from onerec.data.splits import make_splits
 from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
 from onerec.export import export_model, load_export
-from onerec.logging import write_json_atomic
+from onerec.logging import RunLogger, write_json_atomic
 from onerec.paths import RunPaths
 
 log = logging.getLogger("onerec.dpo")
@@ -40,6 +40,14 @@ def _summary(values: dict) -> str:
         f"reward mean {values['reward_mean']:.4f} max {values['reward_max']:.4f}, "
         f"recall@10 {values.get('recall@10', float('nan')):.4f} ndcg@10 {values.get('ndcg@10', float('nan')):.4f}"
     )
+
+
+def _scalars(values: dict) -> dict[str, float]:
+    """One evaluation's reward and recall as flat scalars for the run log (W&B)."""
+    flat = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for name, stats in values.get("per_signal", {}).items():
+        flat.update({f"{name}/reward_{k}": v for k, v in stats.items()})
+    return flat
 
 
 def main(cfg: RootConfig) -> dict:
@@ -67,8 +75,10 @@ def main(cfg: RootConfig) -> dict:
             cfg.data.session_len, cfg.eval.beam_width, list(cfg.eval.ks), cfg.eval.batch_size, device,
         )
 
+    run_logger = RunLogger(cfg.logging, paths.root, "dpo", to_dict(cfg))
     result = {"eval_split": "valid", "eval_users": len(eval_prompts), "config": asdict(acfg)}
     result["pretrain"] = evaluate()
+    run_logger.log(_scalars(result["pretrain"]), 0)
     log.info("before alignment: %s", _summary(result["pretrain"]))
     prompts = latest_training_prompts(train.user, train.history, train.target)
     generator = torch.Generator().manual_seed(cfg.run.seed)
@@ -86,6 +96,7 @@ def main(cfg: RootConfig) -> dict:
         values["train"] = asdict(stats)
         values["accepted"] = values["recall@10"] >= recall_floor
         result["rounds"].append(values)
+        run_logger.log({**_scalars(values), **{f"train/{k}": v for k, v in asdict(stats).items()}}, round_index)
         log.info(
             "round %d: %d pairs (chosen reward %.4f, rejected %.4f), dpo loss %.4f; %s",
             round_index, stats.pairs, stats.chosen_reward, stats.rejected_reward, stats.dpo_loss, _summary(values),
@@ -102,6 +113,8 @@ def main(cfg: RootConfig) -> dict:
         accepted_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         result["exported_round"] = round_index
     result["wall_seconds"] = time.perf_counter() - started
+    run_logger.summary({"exported_round": result["exported_round"]})
+    run_logger.close()
 
     weights = paths.dpo / "aligned.safetensors"
     paths.dpo.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,10 @@ from onerec.align.reward_eval import baseline_predictions, item_mean_signal, sig
 from onerec.align.reward_model import SessionRewardModel
 from onerec.align.sessions import LoggedSessions, build_sessions, holdout_users, item_signal_values
 from onerec.checkpoint import load_weights, save_weights
-from onerec.config import RewardConfig, RootConfig, SignalConfig
+from onerec.config import RewardConfig, RootConfig, SignalConfig, to_dict
 from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
-from onerec.logging import progress_disabled, write_json_atomic
+from onerec.logging import RunLogger, progress_disabled, write_json_atomic
 from onerec.model.onerec import lookup_codes
 from onerec.paths import RunPaths
 from onerec.tokenizer.semantic_ids import SemanticIds
@@ -182,6 +182,7 @@ def main(cfg: RootConfig) -> dict:
         return total / len(heldout)
 
     best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
+    run_logger = RunLogger(cfg.logging, paths.root, "reward", to_dict(cfg))
     epochs = tqdm(range(1, rcfg.max_epochs + 1), desc="reward", disable=progress_disabled(), dynamic_ncols=True)
     for epoch in epochs:
         model.train()
@@ -197,6 +198,7 @@ def main(cfg: RootConfig) -> dict:
         current = heldout_loss()
         epochs.set_postfix(heldout_loss=f"{current:.4f}")
         log.info("reward epoch %d: held-out loss %.4f", epoch, current)
+        run_logger.log({"heldout_loss": current, "train_loss": loss.item()}, epoch)
         if current < best_loss - 1e-5:
             best_loss, best_state, best_epoch, stale = current, copy.deepcopy(model.state_dict()), epoch, 0
         else:
@@ -215,6 +217,11 @@ def main(cfg: RootConfig) -> dict:
             baseline_predictions(heldout.items, item_mean), heldout.labels, heldout.any_event, kinds, names
         ),
     }
+    run_logger.summary({
+        f"heldout/{name}/{metric}": value
+        for name, values in report["model"].items() for metric, value in values.items()
+    })
+    run_logger.close()
     for name in names:
         ours, base = report["model"][name], report["baseline_item_mean"][name]
         if "auc" in ours:
