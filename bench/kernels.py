@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -46,6 +45,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from devices import accelerator_name  # noqa: E402  (same folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 NEG_INF = float("-inf")
 
@@ -53,18 +55,6 @@ NEG_INF = float("-inf")
 # ---------------------------------------------------------------------------------------------
 # device, timing
 # ---------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_slug(device: torch.device, name: str) -> str:
@@ -439,7 +429,7 @@ def main(argv=None) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    name = device_name(device)
+    name = accelerator_name(device.type == "cuda")
     report = dict(
         device=name,
         device_slug=device_slug(device, name),

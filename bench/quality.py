@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -29,22 +28,17 @@ from onerec.config import load_config, to_dict
 from onerec.logging import setup_console, write_json_atomic
 from onerec.paths import RunPaths
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from devices import accelerator_name, processor_name  # noqa: E402  (same folder)
+
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def device_name(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {model}, {os.cpu_count()} cores"
+        return accelerator_name(cuda=True)
+    return f"CPU: {processor_name()}, {os.cpu_count()} cores"
 
 
 def tokenizer_report(config: str, overrides: list[str], methods=("rq_kmeans", "rq_vae")) -> dict:

@@ -37,7 +37,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -45,6 +44,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from devices import accelerator_name  # noqa: E402  (same folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -63,18 +65,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _device_name(cuda: bool) -> str:
-    if cuda:
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- worker
@@ -250,7 +240,7 @@ def launch(args: argparse.Namespace) -> dict:
     result = json.loads(out.read_text())
     out.unlink()
     return {
-        "device": _device_name(cuda),
+        "device": accelerator_name(cuda),
         "device_type": "gpu" if cuda else "cpu",
         "ranks": world,
         "threads_per_rank": None if cuda else 1,
