@@ -27,14 +27,11 @@ and everything else over the whole data-parallel group.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 
 from onerec.config import ConfigError
@@ -302,20 +299,3 @@ def expert_parallel_grad_clipper(model: nn.Module, max_norm: float):
             p.grad.detach().mul_(coef.to(p.grad.dtype))
 
     return hook
-
-
-def save_full_weights(model: nn.Module, path: Path, is_main: bool) -> None:
-    """Gather all experts (a collective: every rank calls it) and write model.safetensors on rank 0.
-
-    The file is exactly what the unsharded model would save, so exports, evaluation and
-    `onerec recommend` load it with no knowledge of how training was laid out. Written
-    through a temporary file and a rename.
-    """
-    state = expert_parallel_state_dict(model)
-    if not is_main:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)

@@ -1,12 +1,16 @@
 """Evaluation drivers: the model's top-K by constrained beam search, and the popularity baseline.
 
-Shape legend: B users in a batch, S history length, N items, L code levels, W beam width, K cutoff.
+Shape legend: B users in a batch, S history length, N items, L code levels, W beam width, K cutoff,
+R rows of one rank's shard.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from onerec.inference.beam_search import constrained_beam_search
@@ -29,12 +33,19 @@ def evaluate_examples(
     device: torch.device | str,
     max_users: int = 0,
     desc: str = "eval",
+    distributed: bool = False,
 ) -> dict[str, float]:
     """Recall/NDCG@K of the top-K beams for each (history, held-out target) row.
 
     history_BS holds item indices, right-aligned with -1 padding on the left. max_users > 0
     evaluates only the first max_users rows (0: all). The model is put in eval mode and its
     previous mode restored afterwards; it must already be on `device`.
+
+    distributed=True: every rank of the default process group calls this with the same rows;
+    each decodes its own shard and the hit counts are summed over ranks, so every rank returns
+    exactly the single-process metrics. The shards are padded to equal length (padding rows
+    are decoded but not counted): every rank runs the same number of equally sized batches,
+    which an expert-parallel model needs, since its forward is a collective.
     """
     history_BS = torch.as_tensor(history_BS).long()
     target_B = torch.as_tensor(target_B).long()
@@ -57,6 +68,12 @@ def evaluate_examples(
         history_BS, target_B = history_BS[:max_users], target_B[:max_users]
         user_B = None if user_B is None else user_B[:max_users]
 
+    num_counted = len(target_B)
+    if distributed and dist.get_world_size() > 1:
+        shard_R, num_counted = _shard_rows(len(target_B), dist.get_rank(), dist.get_world_size())
+        history_BS, target_B = history_BS[shard_R], target_B[shard_R]
+        user_B = None if user_B is None else user_B[shard_R]
+
     device = torch.device(device)
     codes_NL = item_codes_NL.to(device)
     trie = trie.to(device)  # once, not per batch
@@ -72,10 +89,25 @@ def evaluate_examples(
             output = constrained_beam_search(
                 model, history_codes_BSL, trie, beam_width, user_B=users, history_items_BS=history_items_BS
             )
-            accumulator.update(output.items_BW[:, :top_k].cpu(), target_B[rows])
+            counted = max(0, min(batch_size, num_counted - start))  # padding rows are not counted
+            if counted:
+                accumulator.update(output.items_BW[:counted, :top_k].cpu(), target_B[rows][:counted])
     finally:
         model.train(was_training)
+    if distributed and dist.get_world_size() > 1:
+        sums = accumulator.state().to(device)  # nccl reduces device tensors only
+        dist.all_reduce(sums)
+        accumulator.load_state(sums)
     return accumulator.compute()
+
+
+def _shard_rows(num_rows: int, rank: int, world_size: int) -> tuple[torch.Tensor, int]:
+    """Row indices of this rank's shard (rank, rank + world_size, ...), padded with row 0 to
+    ceil(num_rows / world_size) entries, and how many of them are real."""
+    shard_R = torch.arange(rank, num_rows, world_size)
+    padded = math.ceil(num_rows / world_size)
+    padding_R = torch.zeros(padded - len(shard_R), dtype=torch.long)
+    return torch.cat([shard_R, padding_R]), len(shard_R)
 
 
 def popularity_ranking(train_item_counts_N: np.ndarray | torch.Tensor, k: int) -> torch.Tensor:

@@ -4,11 +4,8 @@ Reads <out>/data and <out>/semantic_ids, writes <out>/pretrain/{checkpoints, bes
 The export is built from the best validation checkpoint (NDCG@10), as the protocol asks.
 
 With parallel.expert_parallel_size = ep > 1 every rank holds E / ep experts of each MoE
-layer (onerec.distributed.expert_parallel). The best weights are then gathered from all
-ranks at each improving validation (a collective inside eval_fn, which every rank runs)
-into best/model_all_experts.safetensors, and the export is built from that file, so it
-holds the full expert set. Resuming an expert-parallel run is refused: the shared trainer
-still writes checkpoints from rank 0 alone, which would hold only rank 0's experts.
+layer (onerec.distributed.expert_parallel); the trainer gathers them for checkpoints and
+best weights, so the export holds the full expert set and resuming needs nothing special.
 
 Shape legend: B batch, S history length, M session items, L code levels, N items.
 """
@@ -16,17 +13,16 @@ Shape legend: B batch, S history length, M session items, L code levels, N items
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from onerec.config import ConfigError, RootConfig, to_dict
+from onerec.config import RootConfig, to_dict
 from onerec.data.splits import make_splits
 from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import init_distributed
-from onerec.distributed.expert_parallel import apply_expert_parallel, save_full_weights
+from onerec.distributed.expert_parallel import apply_expert_parallel
 from onerec.export import build_model, export_model
 from onerec.inference.evaluate import evaluate_examples
 from onerec.logging import RateMeter, RunLogger, expert_load_scalars
@@ -38,8 +34,6 @@ from onerec.train.losses import next_token_loss
 from onerec.train.trainer import Trainer
 
 log = logging.getLogger("onerec.pretrain")
-
-ALL_EXPERTS_WEIGHTS = "best/model_all_experts.safetensors"
 
 
 def validation_subset(num_users: int, max_users: int, seed: int) -> np.ndarray:
@@ -66,16 +60,9 @@ def main(cfg: RootConfig) -> Path:
     trie = build_trie(semantic_ids.codes, list(semantic_ids.codebook_sizes)).to(device)
     model = build_model(cfg, semantic_ids).to(device)
     log.info("model parameters: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
-    ep_size = cfg.parallel.expert_parallel_size
-    if ep_size > 1 and cfg.train.resume != "none":
-        raise ConfigError(
-            f"train.resume={cfg.train.resume!r} with parallel.expert_parallel_size={ep_size}: resuming an "
-            "expert-parallel run is not supported yet (checkpoints hold rank 0's experts only); "
-            "use train.resume=none or parallel.expert_parallel_size=1"
-        )
     # Every rank built all E experts from the same seed above, so sharding keeps ep=1 and
     # ep>1 the same function.
-    expert_parallel = apply_expert_parallel(model, ep_size)
+    apply_expert_parallel(model, cfg.parallel.expert_parallel_size)
 
     history_NS = torch.as_tensor(train.history, device=device)
     target_NM = torch.as_tensor(train.target, device=device)
@@ -113,8 +100,6 @@ def main(cfg: RootConfig) -> Path:
 
     rows = validation_subset(len(valid), cfg.eval.max_valid_users, cfg.run.seed)
 
-    best_ndcg = [-math.inf]
-
     def eval_fn() -> dict[str, float]:
         metrics = evaluate_examples(
             model,
@@ -128,12 +113,8 @@ def main(cfg: RootConfig) -> Path:
             batch_size=cfg.eval.batch_size,
             device=device,
             desc="valid",
+            distributed=dist_info.world_size > 1,  # each rank decodes its share of the users
         )
-        # The trainer keeps the best weights by the same rule (a strictly higher NDCG@10), but
-        # saves rank 0's model alone; with sharded experts the full set is gathered here.
-        if expert_parallel is not None and metrics["ndcg@10"] > best_ndcg[0]:
-            best_ndcg[0] = metrics["ndcg@10"]
-            save_full_weights(model, paths.pretrain / ALL_EXPERTS_WEIGHTS, dist_info.is_main)
         token_rate.reset()  # the next tokens_per_s covers training steps only
         return metrics
 
@@ -161,9 +142,8 @@ def main(cfg: RootConfig) -> Path:
     )
     if dist_info.is_main:
         assert result.best_weights is not None, "training ran at least one evaluation"
-        best_weights = paths.pretrain / ALL_EXPERTS_WEIGHTS if expert_parallel is not None else result.best_weights
         items = prepared.items
-        export_model(paths.export, best_weights, cfg, semantic_ids, list(items["raw_id"]), list(items["title"]))
+        export_model(paths.export, result.best_weights, cfg, semantic_ids, list(items["raw_id"]), list(items["title"]))
     if dist_info.world_size > 1:
         torch.distributed.barrier()
     return paths.pretrain

@@ -12,6 +12,12 @@ step) is NaN/inf is skipped on every rank: no update, gradients dropped, the bat
 and the step counted, so data order and LR schedule stay a function of the step. More than
 `train.max_nonfinite_steps` such steps in a row stop the run with NonFiniteLossError; the
 weights never take a non-finite update, so no checkpoint is written from a poisoned state.
+
+Checkpoints and best weights always hold the full model. When ranks hold different optimizer
+state (ZeRO 1/2 partitions, or experts sharded by expert parallelism) each rank saves its own
+optimizer file beside the shared train state, and a resume needs the same number of ranks.
+Under ZeRO the fp32 master copy is refreshed from the loaded weights before the optimizer
+state is restored, as DeepSpeed's own loader does.
 """
 
 from __future__ import annotations
@@ -30,9 +36,24 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from onerec.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_weights
+from onerec.checkpoint import (
+    begin_checkpoint,
+    check_finite,
+    finish_checkpoint,
+    load_checkpoint,
+    load_rank_state,
+    resolve_resume,
+    save_weights,
+    staging_dir,
+    write_rank_state,
+)
 from onerec.config import TrainConfig
 from onerec.distributed.deepspeed import DistInfo, autocast_dtype, build_engine
+from onerec.distributed.expert_parallel import (
+    expert_parallel_state_dict,
+    has_expert_parallel_params,
+    load_expert_parallel_state_dict,
+)
 from onerec.logging import RunLogger, progress_disabled
 
 log = logging.getLogger("onerec.train")
@@ -147,6 +168,10 @@ class Trainer:
         self.engine = build_engine(
             model, self.optimizer, self.scheduler, cfg, cfg.batch_size, dist_info.world_size
         )
+        self.expert_parallel = has_expert_parallel_params(model)
+        # Ranks hold different optimizer state: ZeRO partitions it, expert parallelism gives
+        # each rank different experts. Then every rank checkpoints its own.
+        self.optimizer_per_rank = cfg.zero_stage > 0 or self.expert_parallel
 
         self.step = 0
         self.best_metric = -math.inf
@@ -178,7 +203,6 @@ class Trainer:
             "evals_without_improvement": self.evals_without_improvement,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "nonfinite_total": self.nonfinite_total,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "torch_rng_per_rank": self._gather_rng(torch.get_rng_state()),
@@ -186,7 +210,19 @@ class Trainer:
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
             state["cuda_rng_per_rank"] = self._gather_rng(torch.cuda.get_rng_state())
+        if not self.optimizer_per_rank:
+            state["optimizer"] = self.optimizer.state_dict()
         return state
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the whole model's weights (a collective under expert parallelism).
+
+        Copied because under ZeRO the parameters are views into one flat buffer, which
+        safetensors refuses to save as separate tensors.
+        """
+        if self.expert_parallel:
+            return expert_parallel_state_dict(self.model)
+        return {name: value.detach().clone() for name, value in self.model.state_dict().items()}
 
     def _rank_rng(self, state: dict[str, Any], key: str) -> torch.Tensor:
         """This rank's saved RNG state; rank 0's when the world size changed (or an older checkpoint)."""
@@ -196,8 +232,17 @@ class Trainer:
         return state[key]
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(path, self.model, load_expert_parallel_state_dict if self.expert_parallel else None)
+        # ZeRO 1/2 step a flat fp32 copy of this rank's partition and copy it back into the
+        # model: it must start from the loaded weights, not the freshly initialised ones.
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+        if self.optimizer_per_rank:
+            optimizer_state = load_rank_state(path, self.dist.rank, self.dist.world_size)["optimizer"]
+        else:
+            optimizer_state = state["optimizer"]
+        self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(self._rank_rng(state, "torch_rng"))
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -210,19 +255,35 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
     def _checkpoint(self) -> None:
-        train_state = self._train_state()  # every rank: it gathers the per-rank RNG states
+        """Stage, fill and seal checkpoint `step`; every rank calls it (see onerec.checkpoint)."""
+        directory = self.stage_dir / "checkpoints"
+        train_state = self._train_state()  # collective: it gathers the per-rank RNG states
+        weights = self._full_weights()  # collective under expert parallelism
+        # Every rank holds the same full weights, so all refuse a poisoned state together.
+        check_finite(weights, f"checkpoint step {self.step} to {directory}")
         if self.dist.is_main:
-            save_checkpoint(
-                self.stage_dir / "checkpoints",
+            begin_checkpoint(directory, self.step)
+        self._barrier()
+        staging = staging_dir(directory, self.step)
+        if self.optimizer_per_rank:
+            write_rank_state(staging, self.dist.rank, {"optimizer": self.optimizer.state_dict()})
+        self._barrier()
+        if self.dist.is_main:
+            finish_checkpoint(
+                staging,
                 self.step,
-                self.model,
+                weights,
                 train_state,
                 self.config_dict,
                 keep=self.cfg.keep_checkpoints,
+                rank_files=self.dist.world_size if self.optimizer_per_rank else 0,
             )
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
+        self._barrier()
 
     # ------------------------------------------------------- non-finite steps
     def _all_ranks_agree(self, ok: bool) -> bool:
@@ -292,8 +353,9 @@ class Trainer:
         if value > self.best_metric:
             self.best_metric, self.best_step = value, self.step
             self.evals_without_improvement = 0
+            full_state = self._full_weights()  # all ranks take part under expert parallelism
             if self.dist.is_main:
-                save_weights(self.model, self.stage_dir / BEST_WEIGHTS)
+                save_weights(self.model, self.stage_dir / BEST_WEIGHTS, full_state)
         else:
             self.evals_without_improvement += 1
         log.info(

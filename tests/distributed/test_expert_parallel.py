@@ -5,6 +5,9 @@ once data parallel only (ep=1, every rank holds all 4 experts), once with the ex
 sharded (ep=2, each rank holds 2 and tokens travel by all-to-all). Both must be the same
 function: forward outputs, per-step losses and the parameters after a few AdamW steps with
 active gradient clipping agree within float tolerance, under ZeRO stages 0, 1 and 2.
+Evaluation sharded over the two ranks (each decodes half the users, hit counts summed)
+gives exactly the single-process metrics, also when the model's forward is itself a
+collective (ep=2).
 
 The workers are this file run as a script (two subprocesses joined by env:// rendezvous);
 they write their results with torch.save and the test compares them here.
@@ -38,7 +41,9 @@ def _worker(out_dir: Path) -> None:
     from onerec.config import ModelConfig, MoEConfig, TrainConfig
     from onerec.distributed.deepspeed import build_engine, init_distributed
     from onerec.distributed.expert_parallel import apply_expert_parallel, expert_parallel_state_dict
+    from onerec.inference.evaluate import evaluate_examples
     from onerec.model.onerec import OneRecModel
+    from onerec.tokenizer.trie import build_trie
     from onerec.train.trainer import warmup_cosine
 
     torch.set_num_threads(1)
@@ -58,6 +63,20 @@ def _worker(out_dir: Path) -> None:
         target = torch.stack([torch.randint(0, c, (WORLD * MICRO_BATCH, session_len), generator=data) for c in codebook_sizes], -1)
         rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
         batches.append((history[rows], target[rows]))
+    # A catalogue of 40 items with distinct code tuples, and 13 users (odd on purpose: the
+    # shards and the batches of 4 are uneven) with histories of item indices.
+    flat = torch.randperm(16 * 16 * 4, generator=data)[:40]  # distinct, so the tuples are too
+    item_codes = torch.stack([flat // 64, flat // 4 % 16, flat % 4], -1)
+    trie = build_trie(item_codes, codebook_sizes)
+    eval_history = torch.randint(0, 40, (13, history_len), generator=data)
+    eval_history[:, :3] = -1
+    eval_target = torch.randint(0, 40, (13,), generator=data)
+
+    def evaluate(model, distributed):
+        return evaluate_examples(
+            model, eval_history, eval_target, None, item_codes, trie, beam_width=10, ks=[1, 5, 10],
+            batch_size=4, device="cpu", distributed=distributed,
+        )
 
     results = {}
     for zero_stage in ZERO_STAGES:
@@ -90,6 +109,12 @@ def _worker(out_dir: Path) -> None:
                 engine.step()
                 losses.append(loss.item())
             state = expert_parallel_state_dict(model)  # collective: full expert set on every rank
+            if zero_stage == 0:
+                results[("eval", ep)] = {
+                    "sharded": evaluate(model, distributed=True),
+                    # An ep=2 model cannot run on one rank alone: its forward is a collective.
+                    "single": evaluate(model, distributed=False) if ep == 1 else None,
+                }
             results[(zero_stage, ep)] = {
                 "logits": logits,
                 "losses": torch.tensor(losses),
@@ -172,6 +197,27 @@ def test_ep2_updated_parameters_match_ep1(runs, zero_stage):
         torch.testing.assert_close(runs[1][(zero_stage, 2)]["state"][name], value, rtol=0, atol=0)
     assert [runs[r][(zero_stage, 2)]["local_experts"] for r in range(WORLD)] == [2, 2]
     assert initial["local_experts"] == 4
+
+
+def test_sharded_evaluation_equals_the_single_process_metrics(runs):
+    single = runs[0][("eval", 1)]["single"]
+    assert runs[1][("eval", 1)]["single"] == single  # same model, same rows on both ranks
+    assert any(value > 0 for value in single.values()), "no hits at all: the comparison would be vacuous"
+    for rank in range(WORLD):
+        # Integer hit counts summed over ranks: exactly equal, not merely close.
+        assert runs[rank][("eval", 1)]["sharded"] == single
+        # The ep=2 model is the same function up to float rounding; 1/13 is one user's hit.
+        for metric, value in runs[rank][("eval", 2)]["sharded"].items():
+            assert abs(value - single[metric]) <= 1 / 13 + 1e-9, metric
+
+
+def test_shard_rows_are_strided_and_padded_to_equal_length():
+    from onerec.inference.evaluate import _shard_rows
+
+    shards = [_shard_rows(7, rank, 3) for rank in range(3)]
+    assert [rows.tolist() for rows, _ in shards] == [[0, 3, 6], [1, 4, 0], [2, 5, 0]]
+    assert [counted for _, counted in shards] == [3, 2, 2]
+    assert _shard_rows(1, 1, 2)[0].tolist() == [0] and _shard_rows(1, 1, 2)[1] == 0
 
 
 def test_expert_parallel_size_must_divide_experts_and_world():

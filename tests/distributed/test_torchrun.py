@@ -1,5 +1,6 @@
 """launch/torchrun.sh with real processes on gloo: two nodes meeting on a c10d rendezvous,
-and a job that loses a rank to SIGKILL, restarts and ends where an uninterrupted run ends."""
+and a job that loses a rank to SIGKILL, restarts and ends where an uninterrupted run ends
+(data parallel, and with experts sharded over the two ranks under ZeRO stage 2)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,7 @@ def test_two_nodes_meet_on_a_c10d_rendezvous_and_train_together(new_run):
     assert records[1]["epoch"] == 1 / STEPS_PER_EPOCH_2_RANKS
 
 
-def test_a_rank_killed_mid_run_is_restarted_and_ends_equal_to_an_uninterrupted_run(new_run, reference_run):
-    reference = reference_run
-    out, overrides = new_run("killed")
+def _kill_restart_and_compare(out, overrides, reference):
     log = out.parent / "killed.log"
     # Rank 1 SIGKILLs itself right after step 5 on the first attempt; the newest checkpoint
     # then is step 3, so the restarted job must replay steps 4 and 5 exactly.
@@ -70,3 +69,32 @@ def test_a_rank_killed_mid_run_is_restarted_and_ends_equal_to_an_uninterrupted_r
     assert got_losses.keys() == expected_losses.keys() == set(range(1, TRAIN_STEPS + 1))
     for step, loss in expected_losses.items():
         assert abs(got_losses[step] - loss) <= 1e-6, (step, got_losses[step], loss)
+    return text
+
+
+def test_a_rank_killed_mid_run_is_restarted_and_ends_equal_to_an_uninterrupted_run(new_run, reference_run):
+    out, overrides = new_run("killed")
+    _kill_restart_and_compare(out, overrides, reference_run)
+
+
+def test_an_expert_parallel_zero2_run_restarts_from_its_sharded_checkpoint(new_run):
+    """Each rank holds 2 of the 4 experts and its own ZeRO-2 optimizer partition: the checkpoint
+    gathers the full weights and keeps one optimizer file per rank, and the restarted job puts
+    every rank's share back (weights, fp32 master copy, optimizer state)."""
+    sharded = ["parallel.expert_parallel_size=2", "train.zero_stage=2"]
+    reference, ref_overrides = new_run("reference_ep2")
+    run_logged([TORCHRUN_SH, *ref_overrides, *sharded], reference.parent / "reference_ep2.log", TIMEOUT_S,
+               process_env(NPROC_PER_NODE="2"))
+    out, overrides = new_run("killed_ep2")
+    text = _kill_restart_and_compare(out, [*overrides, *sharded], reference)
+    assert "expert parallel: ep=2, rank 1 holds experts 2..3 of 4" in text
+    for checkpoint in (out / "pretrain" / "checkpoints").glob("step_*"):
+        assert sorted(p.name for p in checkpoint.glob("optimizer_rank*.pt")) == [
+            "optimizer_rank00000.pt", "optimizer_rank00001.pt"
+        ]
+    # The export holds all four experts of every MoE layer.
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "pretrain" / "export" / "model.safetensors")
+    expert_weights = [v for k, v in exported.items() if k.endswith("w1_EDF")]
+    assert expert_weights and all(w.shape[0] == 4 for w in expert_weights)

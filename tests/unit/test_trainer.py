@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from onerec.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_resume, verify_checkpoint
+from onerec.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_rank_state,
+    resolve_resume,
+    verify_checkpoint,
+)
 from onerec.config import ConfigError, LoggingConfig, TrainConfig
 from onerec.distributed.deepspeed import init_distributed
 from onerec.logging import RunLogger
@@ -32,7 +39,7 @@ def _data():
 
 
 def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12, poison=None, max_nonfinite_steps=20,
-           seen=None):
+           seen=None, zero_stage=0):
     """`poison(call)` -> None | "loss" (a NaN loss) | "grad" (a finite loss with NaN gradients);
     `seen` collects a copy of the weights at each call."""
     dist_info = init_distributed("cpu")
@@ -64,6 +71,7 @@ def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12, poison=N
     cfg = TrainConfig(
         batch_size=16, max_steps=max_steps, max_epochs=100, lr=1e-2, warmup_steps=2, eval_every=4,
         checkpoint_every=4, log_every=1, resume=resume, patience=0, max_nonfinite_steps=max_nonfinite_steps,
+        zero_stage=zero_stage,
     )
     logger = RunLogger(LoggingConfig(), stage_dir, "test", {}, rank=0)
     trainer = Trainer(cfg, model, NUM_EXAMPLES, step_fn, stage_dir, dist_info, logger, {}, seed=3, eval_fn=eval_fn)
@@ -82,14 +90,20 @@ def _losses(stage_dir: Path) -> dict[int, float]:
     return out
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+# ZeRO 1/2 keep a flat fp32 master copy of the weights inside the optimizer: a resume that
+# loaded the weights without refreshing it would step from the initial weights again.
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, zero_stage):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    result, full_model = _train(full_dir)
+    result, full_model = _train(full_dir, zero_stage=zero_stage)
     assert result.steps == 12 and result.best_weights is not None
     with pytest.raises(KeyboardInterrupt):
-        _train(cut_dir, crash_at=7)  # dies in step 7; the last checkpoint is step 4
-    assert [p.name for p in list_checkpoints(cut_dir / "checkpoints")] == ["step_00000004"]
-    resumed, resumed_model = _train(cut_dir, resume="auto")
+        _train(cut_dir, crash_at=7, zero_stage=zero_stage)  # dies in step 7; the last checkpoint is step 4
+    (checkpoint,) = list_checkpoints(cut_dir / "checkpoints")
+    assert checkpoint.name == "step_00000004"
+    # ZeRO partitions the optimizer state: each rank keeps its own file (one rank here).
+    assert (checkpoint / "optimizer_rank00000.pt").is_file() == (zero_stage > 0)
+    resumed, resumed_model = _train(cut_dir, resume="auto", zero_stage=zero_stage)
     assert resumed.steps == 12
     full, cut = _losses(full_dir), _losses(cut_dir)
     assert sorted(full) == sorted(cut) == list(range(1, 13))
@@ -120,6 +134,14 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     assert resumed.steps == 12
     assert f"resumed from {checkpoints[-2]} at step 8" in caplog.text
     verify_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])  # rewritten whole
+
+
+def test_per_rank_optimizer_state_refuses_another_world_size(tmp_path):
+    _train(tmp_path, max_steps=4, zero_stage=1)
+    (checkpoint,) = list_checkpoints(tmp_path / "checkpoints")
+    assert load_rank_state(checkpoint, rank=0, world_size=1)["optimizer"]["state"]
+    with pytest.raises(CheckpointError, match=r"sharded over 1 ranks .* this job has 2; resume with 1 processes"):
+        load_rank_state(checkpoint, rank=0, world_size=2)
 
 
 def test_truncated_train_state_is_named_and_an_explicit_resume_refuses_it(tmp_path):
