@@ -264,6 +264,9 @@ class RewardConfig:
     # Sessions are a user's consecutive logged interactions, data.session_len at a time; with
     # a gap > 0 (in the data's time unit) a session also ends where the user paused that long.
     session_gap: float = 0.0
+    # Implicit data (a signal on column "consumed"): this many popularity-drawn sessions of
+    # items the user did not consume per real session, labelled 0 (onerec.align.sessions).
+    negatives: int = 0
     holdout_fraction: float = 0.1  # users whose sessions are held out for AUC
     d_model: int = 64
     num_heads: int = 2
@@ -285,6 +288,13 @@ class RewardConfig:
         names = [s.name for s in self.signals]
         if len(set(names)) != len(names):
             raise ConfigError(f"reward.signals: names must be unique, got {names}")
+        _check_positive("reward", "negatives", self.negatives, allow_zero=True)
+        regression = [s.name for s in self.signals if s.kind == "regression"]
+        if self.negatives and regression:
+            raise ConfigError(
+                f"reward.negatives={self.negatives} with regression signals {regression}: a drawn negative "
+                "session has no value to regress on; use binary signals only, or reward.negatives=0"
+            )
 
 
 @dataclass

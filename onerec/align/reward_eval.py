@@ -80,3 +80,14 @@ def signal_report(
             entry["event_rate"] = float(label.mean())
         report[name] = entry
     return report
+
+
+def popularity_report(sessions, item_counts_N: np.ndarray, kinds: list[str], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per binary signal, the AUC of scoring each session by its items' mean log training count."""
+    log_counts_N1 = np.log1p(np.asarray(item_counts_N, dtype=np.float64))[:, None]
+    scores_R = baseline_predictions(sessions.items, log_counts_N1)[:, 0]
+    return {
+        name: {"auc": concordance(scores_R, sessions.labels[:, k])}
+        for k, (name, kind) in enumerate(zip(names, kinds))
+        if kind == "binary"
+    }

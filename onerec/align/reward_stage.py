@@ -2,8 +2,12 @@
 
 Reads <out>/data and <out>/semantic_ids; writes <out>/reward/{model.safetensors, reward.json}.
 reward.json holds the signals, the regression targets' mean/std, the model shape, and the
-held-out report: per signal the model's AUC (binary) / RMSE and the same for the baseline
-that predicts each item's mean signal.
+held-out report: per signal the model's AUC (binary) / RMSE, the same for the baseline that
+predicts each item's mean signal, and (binary signals) the AUC of ranking sessions by their
+items' training popularity.
+
+Only interactions before each user's validation target are used (in_training_period): the
+reward model steers IPA, so it must not have seen the targets the aligned model is scored on.
 
 Shape legend: B sessions in a batch, S history length, M session items, L code levels, K signals.
 """
@@ -22,11 +26,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from onerec.align.reward_eval import baseline_predictions, item_mean_signal, signal_report
+from onerec.align.reward_eval import baseline_predictions, item_mean_signal, popularity_report, signal_report
 from onerec.align.reward_model import SessionRewardModel
-from onerec.align.sessions import LoggedSessions, build_sessions, holdout_users, item_signal_values
+from onerec.align.sessions import (
+    CONSUMED_COLUMN,
+    LoggedSessions,
+    build_sessions,
+    holdout_users,
+    item_signal_values,
+    with_popularity_negatives,
+)
 from onerec.checkpoint import load_weights, save_weights
 from onerec.config import RewardConfig, RootConfig, SignalConfig, to_dict
+from onerec.data.splits import in_training_period, training_item_counts
 from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
 from onerec.logging import RunLogger, progress_disabled, write_json_atomic
@@ -140,24 +152,32 @@ def main(cfg: RootConfig) -> dict:
 
     arrow = prepared.interactions.data
     columns = {name: arrow.column(name).to_numpy() for name in prepared.meta["feedback_columns"]}
-    values_xK = item_signal_values(columns, list(rcfg.signals))
+    if any(s.column == CONSUMED_COLUMN for s in rcfg.signals):
+        columns.setdefault(CONSUMED_COLUMN, np.ones(arrow.num_rows, dtype=np.float32))
+    user_x, order_x = arrow.column("user_index").to_numpy(), arrow.column("order").to_numpy()
+    rows_x = in_training_period(user_x, order_x, prepared.sequences, cfg.data)
+    log.info("reward: %d of %d logged interactions precede their user's validation target", rows_x.sum(), len(rows_x))
+    logged = columns.get("logged")
     sessions = build_sessions(
-        arrow.column("user_index").to_numpy(),
-        arrow.column("item_index").to_numpy(),
-        arrow.column("order").to_numpy(),
-        values_xK,
-        columns.get("logged"),
+        user_x[rows_x],
+        arrow.column("item_index").to_numpy()[rows_x],
+        order_x[rows_x],
+        item_signal_values(columns, list(rcfg.signals))[rows_x],
+        None if logged is None else logged[rows_x],
         prepared.sequences,
         list(rcfg.signals),
         cfg.data.session_len,
         rcfg.session_gap,
         cfg.data.max_history,
     )
-    held = holdout_users(prepared.meta["users"], rcfg.holdout_fraction, cfg.run.seed)[sessions.user]
+    item_counts_N = training_item_counts(prepared.sequences, cfg.data, num_items)
+    sessions = with_popularity_negatives(sessions, rcfg.negatives, item_counts_N, cfg.run.seed)
+    held_users = holdout_users(prepared.meta["users"], rcfg.holdout_fraction, cfg.run.seed)
+    held = held_users[sessions.user]
     train, heldout = sessions.subset(np.flatnonzero(~held)), sessions.subset(np.flatnonzero(held))
     if len(train) == 0 or len(heldout) == 0:
         raise ValueError(f"{len(sessions)} sessions are too few to hold out reward.holdout_fraction={rcfg.holdout_fraction}")
-    log.info("reward sessions: %d training, %d held out (%d users held out)", len(train), len(heldout), int(held.sum()))
+    log.info("reward sessions: %d training, %d held out (%d users held out)", len(train), len(heldout), int(held_users.sum()))
 
     binary = np.asarray([s.kind == "binary" for s in rcfg.signals])
     mean_K = np.where(binary, 0.0, train.labels.mean(axis=0)).astype(np.float32)
@@ -216,6 +236,7 @@ def main(cfg: RootConfig) -> dict:
         "baseline_item_mean": signal_report(
             baseline_predictions(heldout.items, item_mean), heldout.labels, heldout.any_event, kinds, names
         ),
+        "baseline_popularity": popularity_report(heldout, item_counts_N, kinds, names),
     }
     run_logger.summary({
         f"heldout/{name}/{metric}": value
@@ -225,7 +246,10 @@ def main(cfg: RootConfig) -> dict:
     for name in names:
         ours, base = report["model"][name], report["baseline_item_mean"][name]
         if "auc" in ours:
-            log.info("held-out %s: AUC %.4f (item-mean baseline %.4f)", name, ours["auc"], base["auc"])
+            log.info(
+                "held-out %s: AUC %.4f (item-mean baseline %.4f, popularity %.4f)",
+                name, ours["auc"], base["auc"], report["baseline_popularity"][name]["auc"],
+            )
         else:
             log.info("held-out %s: RMSE %.4f (item-mean baseline %.4f)", name, ours["rmse"], base["rmse"])
 
@@ -238,6 +262,8 @@ def main(cfg: RootConfig) -> dict:
         "target_std": std_K.tolist(),
         "model": kwargs,
         "sessions": {"train": len(train), "heldout": len(heldout), "session_len": cfg.data.session_len},
+        # logged rows before each user's validation target (the only ones learned from), of all
+        "interactions": {"used": int(rows_x.sum()), "logged": len(rows_x)},
         "best_epoch": best_epoch,
         "heldout_loss": best_loss,
         "heldout": report,

@@ -13,6 +13,12 @@ Labels per signal:
     binary:      y = share of the session's items with value > threshold   (a rate in [0, 1])
                  any = 1 if at least one item has it                        (for AUC)
     regression:  y = mean value over the session's items
+
+Implicit data (no feedback columns, e.g. Amazon reviews): a signal reading the column
+`consumed` sees 1 for every logged interaction, and `with_popularity_negatives` adds, for
+each real session, sessions of items the user did not consume, drawn the way a popularity
+recommender would show them, labelled 0: the reward model then learns to tell what a user
+consumes next from what was merely popular.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import numpy as np
 
 from onerec.config import SignalConfig
 from onerec.data.splits import UserSequences, gather_examples
+
+CONSUMED_COLUMN = "consumed"  # the implicit signal: 1 for every logged interaction
 
 
 @dataclass
@@ -109,6 +117,45 @@ def build_sessions(
     before = np.searchsorted(seq_key, start_key, side="left") - sequences.offsets[session_user]
     history = gather_examples(sequences, session_user, before, before, max_history, 1).history
     return LoggedSessions(session_user.astype(np.int64), history, items_RM, labels, any_event, item_values)
+
+
+def with_popularity_negatives(
+    sessions: LoggedSessions, num_negatives: int, item_counts_N: np.ndarray, seed: int
+) -> LoggedSessions:
+    """The real sessions followed by `num_negatives` negative sessions each: same user, same
+    history, as many items as the real session, drawn in proportion to `item_counts_N` and
+    never one of the real session's items. Every signal of a negative is 0 (binary only)."""
+    if num_negatives == 0:
+        return sessions
+    counts_N = np.asarray(item_counts_N, dtype=np.float64)
+    if counts_N.sum() <= 0:
+        raise ValueError("no training interactions to draw popularity negatives from")
+    probs_N = counts_N / counts_N.sum()
+    R, M = sessions.items.shape
+    rng = np.random.default_rng(seed)
+    draws_RXM = rng.choice(len(probs_N), size=(R, num_negatives, M), p=probs_N)
+    for _ in range(100):  # redraw the few draws that hit a consumed item
+        clash_RXM = (draws_RXM[..., None] == sessions.items[:, None, None, :]).any(-1)
+        if not clash_RXM.any():
+            break
+        draws_RXM[clash_RXM] = rng.choice(len(probs_N), size=int(clash_RXM.sum()), p=probs_N)
+    else:
+        raise ValueError("cannot draw negatives that differ from the real sessions: the catalogue is too small")
+    real_RM = sessions.items >= 0
+    draws_RXM = np.where(real_RM[:, None, :], draws_RXM, -1).reshape(R * num_negatives, M)
+    K = sessions.labels.shape[1]
+    neg_values = np.where(draws_RXM[..., None] >= 0, 0.0, np.nan).astype(np.float32) * np.ones(K, np.float32)
+    negatives = LoggedSessions(
+        user=np.repeat(sessions.user, num_negatives),
+        history=np.repeat(sessions.history, num_negatives, axis=0),
+        items=draws_RXM,
+        labels=np.zeros((R * num_negatives, K), dtype=np.float32),
+        any_event=np.zeros((R * num_negatives, K), dtype=bool),
+        item_values=neg_values,
+    )
+    return LoggedSessions(
+        *(np.concatenate([getattr(sessions, f), getattr(negatives, f)]) for f in LoggedSessions.__dataclass_fields__)
+    )
 
 
 def holdout_users(num_users: int, fraction: float, seed: int) -> np.ndarray:

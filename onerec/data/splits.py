@@ -93,6 +93,23 @@ def training_lengths(seqs: UserSequences, cfg: DataConfig) -> np.ndarray:
     return np.add.reduceat((seqs.orders < t_valid).astype(np.int64), seqs.offsets[:-1]) * (seqs.lengths() > 0)
 
 
+def in_training_period(user: np.ndarray, order: np.ndarray, seqs: UserSequences, cfg: DataConfig) -> np.ndarray:
+    """Boolean per logged row (user, order): whether it happened before the user's validation
+    target, i.e. inside the period training may learn from. Anything trained on the log (the
+    reward model) must keep to these rows, or the held-out targets leak into what it learned.
+
+    leave_one_out: before the order of the user's second-to-last sequence item; time: before
+    t_valid (also for rows that are not in the sequence, e.g. impressions without a click).
+    """
+    if cfg.split == "time":
+        return order < time_cutoffs(seqs, cfg)[0]
+    train_len = training_lengths(seqs, cfg)
+    held = train_len < seqs.lengths()  # users with a validation (or test) part
+    cut = np.full(len(seqs), np.inf)
+    cut[held] = seqs.orders[seqs.offsets[:-1][held] + train_len[held]]
+    return order < cut[user]
+
+
 def make_splits(seqs: UserSequences, cfg: DataConfig) -> dict[str, Examples]:
     lengths = seqs.lengths()
     users = np.arange(len(seqs))

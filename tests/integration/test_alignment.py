@@ -13,15 +13,15 @@ NUM_ITEMS = 40
 NUM_USERS = 200
 
 
-def _write_log(root):
+def _write_log(root, num_users=NUM_USERS, own_parity_share=0.75):
     root.mkdir()
     rows = ["user,item,ts,rating"]
     rng = random.Random(0)
-    for user in range(NUM_USERS):
+    for user in range(num_users):
         for t in range(8 + user % 4):
             # 75% of a user's items share their parity (and are liked): the history tells
             # the user's taste, while every item is liked by some of its viewers only
-            same = rng.random() < 0.75
+            same = rng.random() < own_parity_share
             item = 2 * rng.randrange(NUM_ITEMS // 2) + (user % 2 if same else 1 - user % 2)
             rating = 5 if item % 2 == user % 2 else 1
             rows.append(f"u{user},i{item},{1000 * user + t},{rating}")
@@ -59,6 +59,16 @@ def test_reward_model_reports_auc_against_the_item_mean_baseline(aligned_run):
     # every item is liked by half the users: only a target-aware model can rank sessions
     assert like_model["auc"] > 0.7 and like_model["auc"] > like_base["auc"] + 0.1
     assert "rmse" in report["heldout"]["model"]["rating"] and "auc" not in report["heldout"]["model"]["rating"]
+    assert 0.0 <= report["heldout"]["baseline_popularity"]["like"]["auc"] <= 1.0
+    assert "rating" not in report["heldout"]["baseline_popularity"]  # AUC is for binary signals
+
+
+def test_reward_model_never_sees_the_validation_and_test_interactions(aligned_run):
+    # Leave-one-out: each user's last two interactions are their validation and test targets,
+    # which IPA is scored on; the reward model learns from the rest only.
+    report = json.loads((aligned_run / "reward" / "reward.json").read_text())
+    lengths = [8 + user % 4 for user in range(NUM_USERS)]
+    assert report["interactions"] == {"used": sum(n - 2 for n in lengths), "logged": sum(lengths)}
 
 
 def test_metrics_gain_the_alignment_table(aligned_run):
@@ -132,3 +142,30 @@ def test_a_round_that_costs_recall_is_rejected_and_the_previous_model_exported(a
     pretrained = load_file(run / "pretrain" / "export" / "model.safetensors")
     assert exported.keys() == pretrained.keys()
     assert all(torch.equal(exported[k], pretrained[k]) for k in exported)
+
+
+def test_implicit_reward_tells_consumed_sessions_from_popular_ones(tmp_path):
+    """Implicit data, as on Amazon: no feedback column, the signal is `consumed`; each real next
+    session is set against a session drawn by popularity. Users consume items of their own
+    parity 90% of the time, so a reward model that reads the history beats popularity."""
+    _write_log(tmp_path / "raw", num_users=600, own_parity_share=0.9)
+    overrides = [
+        f"run.out_dir={tmp_path / 'run'}", "data.format=csv", f"data.root={tmp_path / 'raw'}",
+        "data.interactions_file=log.csv", "data.items_file=items.csv", "data.user_column=user",
+        "data.item_column=item", "data.time_column=ts", "data.max_history=6", "data.session_len=2",
+        "tokenizer.encoder=hashing", "tokenizer.levels=2", "tokenizer.codebook_size=6",
+        "reward.d_model=32", "reward.max_epochs=40", "reward.batch_size=32", "reward.dropout=0.0",
+        "reward.lr=3e-3", "reward.holdout_fraction=0.25", "reward.negatives=1",
+        "reward.signals=[{name: consumed, column: consumed, threshold: 0.5}]",
+    ]
+    for stage in ("data", "tokenize", "reward"):
+        assert cli_main([stage, *overrides]) == 0
+    report = json.loads((tmp_path / "run" / "reward" / "reward.json").read_text())
+    ours = report["heldout"]["model"]["consumed"]["auc"]
+    popularity = report["heldout"]["baseline_popularity"]["consumed"]["auc"]
+    item_mean = report["heldout"]["baseline_item_mean"]["consumed"]["auc"]
+    assert ours > 0.6 and ours > popularity + 0.05 and ours > item_mean + 0.05, (ours, popularity, item_mean)
+    # one drawn negative per real session (sessions of 2 items: ceil(6..9 / 2) per user)
+    sessions = report["sessions"]
+    real = sum((8 + user % 4 - 2 + 1) // 2 for user in range(600))
+    assert sessions["train"] + sessions["heldout"] == 2 * real

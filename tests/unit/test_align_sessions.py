@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from onerec.align.reward_eval import baseline_predictions, concordance, item_mean_signal, roc_auc
-from onerec.align.sessions import build_sessions, holdout_users, item_signal_values
+from onerec.align.sessions import (
+    CONSUMED_COLUMN,
+    build_sessions,
+    holdout_users,
+    item_signal_values,
+    with_popularity_negatives,
+)
 from onerec.config import SignalConfig
 from onerec.data.splits import UserSequences
 
@@ -85,3 +91,51 @@ def test_concordance_is_auc_for_binary_labels_and_counts_graded_pairs():
     # labels 0, 0.5, 1: pairs (0.5 > 0), (1 > 0), (1 > 0.5); scores order 2 of the 3 correctly
     assert concordance(np.array([0.2, 0.9, 0.5]), np.array([0.0, 0.5, 1.0])) == pytest.approx(2 / 3)
     assert np.isnan(concordance(np.array([0.2, 0.9]), np.array([0.5, 0.5])))
+
+
+def test_popularity_negatives_follow_each_real_session_and_avoid_its_items():
+    user, item, order, _ = _log()
+    consumed = SignalConfig(name="consumed", column=CONSUMED_COLUMN)
+    values = item_signal_values({CONSUMED_COLUMN: np.ones(len(user), np.float32)}, [consumed])
+    real = build_sessions(user, item, order, values, None, _sequences(user, item, order), [consumed], 2, 0.0, 3)
+    counts = np.array([0, 50, 50, 1, 1, 1, 1, 1, 1, 100], dtype=np.float64)  # item 0 is never drawn
+    s = with_popularity_negatives(real, 3, counts, seed=0)
+    R = len(real)
+    assert len(s) == 4 * R
+    np.testing.assert_array_equal(s.items[:R], real.items)
+    np.testing.assert_array_equal(s.user[R:], np.repeat(real.user, 3))
+    np.testing.assert_array_equal(s.history[R:], np.repeat(real.history, 3, axis=0))
+    assert (s.labels[:R] == 1).all() and (s.labels[R:] == 0).all()
+    assert s.any_event[:R].all() and not s.any_event[R:].any()
+    negatives = s.items[R:].reshape(R, 3, -1)
+    for r in range(R):
+        real_items = set(real.items[r][real.items[r] >= 0])
+        for negative in negatives[r]:
+            # as long as the real session, none of its items, never an item nobody consumed
+            assert ((negative >= 0) == (real.items[r] >= 0)).all()
+            assert not real_items & set(negative[negative >= 0]) and 0 not in negative
+    assert np.isnan(s.item_values[R:][s.items[R:] < 0]).all() and (s.item_values[R:][s.items[R:] >= 0] == 0).all()
+    # drawn in proportion to popularity: item 9 (100) far more often than items 3-8 (1 each)
+    drawn = np.bincount(s.items[R:][s.items[R:] >= 0], minlength=10)
+    assert drawn[9] > drawn[3:9].sum()
+    assert with_popularity_negatives(real, 0, counts, seed=0) is real
+
+
+def test_popularity_negatives_need_items_outside_the_session():
+    user, item, order, _ = _log()
+    consumed = SignalConfig(name="consumed", column=CONSUMED_COLUMN)
+    values = np.ones((len(user), 1), np.float32)
+    real = build_sessions(user, item, order, values, None, _sequences(user, item, order), [consumed], 2, 0.0, 3)
+    only_item_1 = np.zeros(10)
+    only_item_1[1] = 5
+    with pytest.raises(ValueError, match="catalogue is too small"):
+        with_popularity_negatives(real, 1, only_item_1, seed=0)
+
+
+def test_negatives_with_a_regression_signal_are_refused():
+    from onerec.config import ConfigError, RewardConfig
+
+    with pytest.raises(ConfigError, match="reward.negatives=1 with regression signals \\['rating'\\]"):
+        RewardConfig(signals=[LIKE, RATING], negatives=1)
+    with pytest.raises(ConfigError, match="reward.negatives"):
+        RewardConfig(signals=[LIKE], negatives=-1)

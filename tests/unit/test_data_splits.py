@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from onerec.config import DataConfig
-from onerec.data.splits import UserSequences, make_splits, time_cutoffs, training_item_counts
+from onerec.data.splits import UserSequences, in_training_period, make_splits, time_cutoffs, training_item_counts
 
 
 def sequences(per_user: list[list[int]], orders=None, has_time=True) -> UserSequences:
@@ -59,3 +59,23 @@ def test_training_item_counts_cover_the_training_parts_only():
     seqs = sequences([[0, 1, 2, 3], [1, 1, 2]])
     counts = training_item_counts(seqs, DataConfig(), num_items=4)
     assert counts.tolist() == [1, 2, 0, 0]
+
+
+def test_training_period_ends_before_each_users_validation_target():
+    # user 0: orders 0..5, validation target at order 4; user 1: [20, 21] has no training part
+    # (valid 20, test 21); user 2's one item is too short a sequence for the protocol (fewer
+    # than 3 items): no training part either, as make_splits has it.
+    seqs = sequences([[10, 11, 12, 13, 14, 15], [20, 21], [30]])
+    user = np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    order = np.array([0, 3, 4, 5, 9, 0, 1, 0])
+    mask = in_training_period(user, order, seqs, DataConfig())
+    assert mask.tolist() == [True, True, False, False, False, False, False, False]
+
+
+def test_training_period_of_a_time_split_is_before_t_valid_for_every_row():
+    seqs = sequences([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]],
+                     orders=[np.array([0, 2, 4, 6, 8, 10]), np.array([1, 3, 5, 7, 9, 11])])
+    cfg = DataConfig(split="time", valid_fraction=0.2, test_fraction=0.2)  # t_valid = 6.6
+    # rows that are not sequence items (say, impressions) are cut at the same time
+    mask = in_training_period(np.array([0, 0, 1, 1]), np.array([6, 7, 5, 100]), seqs, cfg)
+    assert mask.tolist() == [True, False, True, False]
