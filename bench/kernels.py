@@ -197,7 +197,7 @@ def bench_decode(args, device) -> list[dict]:
         row = dict(
             items=num_items,
             trie_nodes=trie.num_nodes,
-            max_children=trie.child_tokens.shape[1],
+            max_children=trie.max_children,
             B=B,
             W=W,
             steps=steps,

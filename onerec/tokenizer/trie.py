@@ -1,21 +1,22 @@
 """The prefix trie of valid semantic-ID tuples, as flat tensors.
 
-Shape legend: N items, L code levels, Nn trie nodes, Bm max children of any node.
+Shape legend: N items, L code levels, Nn trie nodes, Nd nodes at depth d, Bd max children
+of a depth-d node, Bm max children of any node.
 
 Following STATIC ("Vectorizing the Trie", arXiv 2602.22647), each node's children are a
-fixed-width row, so one decoding step gathers `child_tokens[states]` for every beam at
-once with no per-beam Python work:
+fixed-width row, so one decoding step gathers the rows of every beam's node at once with no
+per-beam Python work:
 
-    node 0 = root (depth 0); nodes are numbered depth by depth in lexicographic order
-    child_tokens[n] = [code of child 0, code of child 1, ..., -1 padding]   (ascending codes)
-    child_nodes[n]  = [node id of child 0, ...,                 -1 padding]
-    node_item[n]    = item_index when n is a complete tuple (depth L), else -1
+    node 0 = root (depth 0); nodes are numbered depth by depth in lexicographic order, so
+    depth-d nodes are the id range [depth_starts[d], depth_starts[d + 1])
+    level_child_tokens[d][n - depth_starts[d]] = [codes of node n's children, ascending, -1 padding]
+    level_child_nodes[d][n - depth_starts[d]]  = [their node ids,                          -1 padding]
+    node_item[n] = item_index when n is a complete tuple (depth L), else -1
 
-Bm is the widest node anywhere (the root, usually: a full codebook), but deeper nodes have
-a handful of children. Decoding therefore uses per-depth tables: the rows of depth-d nodes
-only (a contiguous id range, since nodes are numbered depth by depth), as wide as the widest
-of them. A step at depth d reads `level_child_tokens[d][state - depth_starts[d]]`, so its cost
-follows the real branching, and the tables together hold about one entry per trie edge.
+The tables are per depth because the root is as wide as a codebook while deeper nodes have a
+handful of children: a table of every node as wide as the widest (Nn x Bm, 8 GB at a
+million items and 256 codes) would be almost all padding. Per depth, a step's cost follows
+the real branching and the tables together hold about one entry per trie edge.
 """
 
 from __future__ import annotations
@@ -28,19 +29,15 @@ import torch
 
 @dataclass
 class Trie:
-    child_tokens: torch.Tensor  # [Nn, Bm] int64
-    child_nodes: torch.Tensor  # [Nn, Bm] int64
     node_item: torch.Tensor  # [Nn] int64
     depth: int
     codebook_sizes: list[int]
     depth_starts: list[int]  # depth-d node ids are [depth_starts[d], depth_starts[d + 1]); L + 2 entries
-    level_child_tokens: list[torch.Tensor]  # [d]: [nodes at depth d, their max children] int64, d < L
-    level_child_nodes: list[torch.Tensor]  # same rows: global child node ids
+    level_child_tokens: list[torch.Tensor]  # [d]: [Nd, Bd] int64, d < L
+    level_child_nodes: list[torch.Tensor]  # [d]: [Nd, Bd] int64, the same rows: global child node ids
 
     def to(self, device) -> "Trie":
         return Trie(
-            self.child_tokens.to(device),
-            self.child_nodes.to(device),
             self.node_item.to(device),
             self.depth,
             list(self.codebook_sizes),
@@ -63,7 +60,33 @@ class Trie:
 
     @property
     def num_nodes(self) -> int:
-        return self.child_tokens.shape[0]
+        return self.node_item.shape[0]
+
+    @property
+    def max_children(self) -> int:
+        return max(t.shape[1] for t in self.level_child_tokens)
+
+    def children(self, node: int) -> tuple[list[int], list[int]]:
+        """(codes, node ids) of `node`'s children, ascending codes (a leaf has none)."""
+        depth = int(np.searchsorted(self.depth_starts, node, side="right")) - 1
+        if depth >= self.depth:
+            return [], []
+        row = node - self.depth_starts[depth]
+        tokens = self.level_child_tokens[depth][row].tolist()
+        nodes = self.level_child_nodes[depth][row].tolist()
+        return [t for t in tokens if t >= 0], [n for n, t in zip(nodes, tokens) if t >= 0]
+
+    def dense_child_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([Nn, Bm] child codes, [Nn, Bm] child node ids) of every node, -1 padded: the
+        single-table layout, for tests and small tries only (see the module docstring)."""
+        tokens = torch.full((self.num_nodes, self.max_children), -1, dtype=torch.long, device=self.node_item.device)
+        nodes = torch.full_like(tokens, -1)
+        for d in range(self.depth):
+            rows = slice(self.depth_starts[d], self.depth_starts[d + 1])
+            width = self.level_child_tokens[d].shape[1]
+            tokens[rows, :width] = self.level_child_tokens[d]
+            nodes[rows, :width] = self.level_child_nodes[d]
+        return tokens, nodes
 
 
 def build_trie(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> Trie:
@@ -114,23 +137,22 @@ def build_trie(codes_NL: torch.Tensor, codebook_sizes: list[int]) -> Trie:
     num_nodes = next_id
     child_count = np.bincount(parent, minlength=num_nodes)
     first_child = np.concatenate([[0], np.cumsum(child_count)[:-1]])
-    slot = np.arange(len(parent)) - first_child[parent]
-    width = int(child_count.max())
-    child_tokens = np.full((num_nodes, width), -1, dtype=np.int64)
-    child_nodes = np.full((num_nodes, width), -1, dtype=np.int64)
-    child_tokens[parent, slot] = token
-    child_nodes[parent, slot] = np.arange(1, num_nodes)
+    slot = np.arange(len(parent)) - first_child[parent]  # column of each child in its parent's row
     node_item = np.full(num_nodes, -1, dtype=np.int64)
     node_item[leaf_node_N] = order
     level_tokens, level_nodes = [], []
-    for d in range(L):  # children are left-packed, so the first `width` columns hold them all
-        rows = slice(depth_starts[d], depth_starts[d + 1])
-        level_width = int(child_count[rows].max())
-        level_tokens.append(torch.from_numpy(child_tokens[rows, :level_width].copy()))
-        level_nodes.append(torch.from_numpy(child_nodes[rows, :level_width].copy()))
+    for d in range(L):  # the children of depth-d nodes are exactly the depth-(d+1) nodes
+        first, stop = depth_starts[d + 1], depth_starts[d + 2]
+        edges = slice(first - 1, stop - 1)  # node n's entry in parent/token/slot is n - 1
+        row = parent[edges] - depth_starts[d]
+        level_width = int(child_count[depth_starts[d] : depth_starts[d + 1]].max())
+        level_tokens_d = np.full((depth_starts[d + 1] - depth_starts[d], level_width), -1, dtype=np.int64)
+        level_nodes_d = np.full_like(level_tokens_d, -1)
+        level_tokens_d[row, slot[edges]] = token[edges]
+        level_nodes_d[row, slot[edges]] = np.arange(first, stop)
+        level_tokens.append(torch.from_numpy(level_tokens_d))
+        level_nodes.append(torch.from_numpy(level_nodes_d))
     return Trie(
-        torch.from_numpy(child_tokens),
-        torch.from_numpy(child_nodes),
         torch.from_numpy(node_item),
         L,
         list(codebook_sizes),

@@ -58,7 +58,7 @@ def random_step_inputs(B, W, sizes, num_items, seed, device, dtype=torch.float32
     logits[:, min(sizes) :] = logits[:, min(sizes) :].masked_fill(torch.rand(N, 1, generator=g) < 0.3, NEG_INF)
     scores = (torch.randn(N, generator=g) - 2).masked_fill(torch.rand(N, generator=g) < 0.2, NEG_INF)
     states = torch.randint(-1, trie.num_nodes, (N,), generator=g)
-    args = (logits.to(dtype), scores, states, trie.child_tokens, trie.child_nodes)
+    args = (logits.to(dtype), scores, states, *trie.dense_child_tables())
     return [t.to(device) for t in args]
 
 
