@@ -12,20 +12,18 @@ of the first generated items, before alignment and after each round, on the same
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from onerec.config import load_config, to_dict
+from onerec.config import load_config
 from onerec.logging import setup_console
 from onerec.paths import RunPaths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import RESULTS, device_name, write_results  # noqa: E402  (same folder, same conventions)
+from quality import bench_parser, run_record, write_results  # noqa: E402  (same folder, same conventions)
 
 
 def relative(after: float, before: float) -> float:
@@ -58,10 +56,14 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     change = result["change_of_exported_model"]
     reward = result["reward_model"]
-    auc_lines = ["| signal | reward model | item-mean baseline |", "|---|---|---|"]
+    popularity = reward.get("baseline_popularity", {})  # absent in runs from before it was reported
+    auc_lines = ["| signal | reward model | item-mean baseline | popularity |", "|---|---|---|---|"]
     for name, values in reward["model"].items():
         metric = "auc" if "auc" in values else "rmse"
-        auc_lines.append(f"| {name} ({metric.upper()}) | {values[metric]:.4f} | {reward['baseline_item_mean'][name][metric]:.4f} |")
+        pop = f"{popularity[name]['auc']:.4f}" if name in popularity else "-"
+        auc_lines.append(
+            f"| {name} ({metric.upper()}) | {values[metric]:.4f} | {reward['baseline_item_mean'][name][metric]:.4f} | {pop} |"
+        )
     return "\n".join([
         f"## Preference alignment on {result['name']}",
         "",
@@ -88,12 +90,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", help="pipeline YAML with reward.enabled and align.enabled")
-    parser.add_argument("--name", required=True, help="data set name for the result files, e.g. kuairand")
+    parser = bench_parser(__doc__, "pipeline YAML with reward.enabled and align.enabled", "kuairand")
     parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
-    parser.add_argument("--results-dir", default=str(RESULTS))
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     setup_console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,11 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = alignment["pretrain"]
     last = alignment["rounds"][exported_round - 1] if exported_round else first
     result = {
-        "name": args.name,
-        "command": " ".join(["python", "bench/alignment.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.date.today().isoformat(),
-        "device": device_name(str(cfg.run.device)),
-        "config": to_dict(cfg),
+        **run_record("alignment.py", args.name, argv, cfg),
         "session_len": cfg.data.session_len,
         "alignment": alignment,
         "reward_model": json.loads((paths.reward / "reward.json").read_text())["heldout"],

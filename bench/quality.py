@@ -41,6 +41,27 @@ def device_name(device: str) -> str:
     return f"CPU: {processor_name()}, {os.cpu_count()} cores"
 
 
+def bench_parser(doc: str, config_help: str, name_example: str) -> argparse.ArgumentParser:
+    """The arguments every bench script shares: --config, --name, --results-dir, key=value overrides."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--name", required=True, help=f"data set name for the result files, e.g. {name_example}")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where the result files go")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def run_record(script: str, name: str, argv: list[str] | None, cfg) -> dict:
+    """The fields every bench result starts with: what ran (the command), when, where, with which config."""
+    return {
+        "name": name,
+        "command": " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(str(cfg.run.device)),
+        "config": to_dict(cfg),
+    }
+
+
 def tokenizer_report(config: str, overrides: list[str], methods=("rq_kmeans", "rq_vae")) -> dict:
     """Quantise the run's item embeddings with each method; per-level statistics for each."""
     from onerec.tokenizer.semantic_ids import CACHE_DIR, SemanticIds
@@ -120,9 +141,7 @@ def write_results(results_dir: Path, stem: str, result: dict, table: str) -> Non
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", help="pipeline YAML (only differences from the defaults)")
-    parser.add_argument("--name", required=True, help="data set name for the result files, e.g. beauty")
+    parser = bench_parser(__doc__, "pipeline YAML (only differences from the defaults)", "beauty")
     parser.add_argument("--published", help="json with published rows (and an optional target)")
     parser.add_argument("--tokenizer-report", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
@@ -131,8 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         help="with --skip-pipeline: the measured wall time of that run when it was done in pieces (e.g. resumed)",
     )
-    parser.add_argument("--results-dir", default=str(RESULTS), help="where quality_<name>.{json,md} go")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     setup_console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,11 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
             target_label = f"{spec['target']['row']} x {spec['target']['factor']}"
             target = {m: published[spec["target"]["row"]][m] * spec["target"]["factor"] for m in METRICS}
     result = {
-        "name": args.name,
-        "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.date.today().isoformat(),
-        "device": device_name(str(cfg.run.device)),
-        "config": to_dict(cfg),
+        **run_record("quality.py", args.name, argv, cfg),
         "ours": {"valid": metrics["valid"], "test": metrics["test"]},
         "sasrec": {k: sasrec[k] for k in ("valid", "test", "best_epoch", "epochs_run")},
         "popularity": metrics["baselines"]["popularity"],
