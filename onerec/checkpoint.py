@@ -72,6 +72,10 @@ def check_finite(weights: dict[str, torch.Tensor], what: str) -> None:
         raise CheckpointError(f"refusing to write {what}: non-finite values in {', '.join(bad[:5])}")
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
+
+
 def staging_dir(directory: Path, step: int) -> Path:
     """Where checkpoint `step` is assembled; every rank derives the same name."""
     return directory / f".tmp-{_step_dir_name(step)}"
@@ -104,15 +108,15 @@ def finish_checkpoint(
     rank_files: int = 0,
 ) -> Path:
     """Rank 0: write weights, train state and manifest into `staging`, rename it into place,
-    keep only the newest `keep` checkpoints. `rank_files` per-rank files must already be there."""
-    check_finite(weights, f"checkpoint step {step} to {staging.parent}")
+    keep only the newest `keep` checkpoints. `rank_files` per-rank files must already be there,
+    and every rank must have run check_finite on the weights (so all of them stop together)."""
     missing = [rank_state_file(r) for r in range(rank_files) if not (staging / rank_state_file(r)).is_file()]
     if missing:
         raise CheckpointError(
             f"{staging}: {', '.join(missing[:3])} not written: every rank must see the checkpoint "
             "directory (put train checkpoints on a filesystem shared by all nodes)"
         )
-    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(staging / MODEL_FILE))
+    _save_tensors(weights, staging / MODEL_FILE)
     torch.save(train_state, staging / STATE_FILE)
     names = (MODEL_FILE, STATE_FILE, *(rank_state_file(r) for r in range(rank_files)))
     manifest = {
@@ -221,7 +225,7 @@ def save_weights(model: torch.nn.Module, path: Path, full_state: Optional[dict[s
     if full_state is None:
         save_model(model, str(tmp))
     else:
-        save_file({name: tensor.contiguous() for name, tensor in full_state.items()}, str(tmp))
+        _save_tensors(full_state, tmp)
     os.replace(tmp, path)
 
 

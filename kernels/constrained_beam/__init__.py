@@ -8,13 +8,13 @@ Shapes, tie order and dead-beam semantics are described in `reference.py`.
 
 from __future__ import annotations
 
-
 import torch
 
 from .. import _backend
 from . import reference
 
 __all__ = ["constrained_beam_step"]
+
 
 def _pick(backend: str, logits_NC: torch.Tensor):
     return _backend.pick(backend, logits_NC, __name__, reference)

@@ -144,7 +144,7 @@ def with_popularity_negatives(
     real_RM = sessions.items >= 0
     draws_RXM = np.where(real_RM[:, None, :], draws_RXM, -1).reshape(R * num_negatives, M)
     K = sessions.labels.shape[1]
-    neg_values = np.where(draws_RXM[..., None] >= 0, 0.0, np.nan).astype(np.float32) * np.ones(K, np.float32)
+    neg_values = np.where(draws_RXM[..., None] >= 0, 0.0, np.nan).astype(np.float32).repeat(K, axis=-1)
     negatives = LoggedSessions(
         user=np.repeat(sessions.user, num_negatives),
         history=np.repeat(sessions.history, num_negatives, axis=0),

@@ -69,7 +69,8 @@ def evaluate_examples(
         user_B = None if user_B is None else user_B[:max_users]
 
     num_counted = len(target_B)
-    if distributed and dist.get_world_size() > 1:
+    sharded = distributed and dist.get_world_size() > 1
+    if sharded:
         shard_R, num_counted = _shard_rows(len(target_B), dist.get_rank(), dist.get_world_size())
         history_BS, target_B = history_BS[shard_R], target_B[shard_R]
         user_B = None if user_B is None else user_B[shard_R]
@@ -94,7 +95,7 @@ def evaluate_examples(
                 accumulator.update(output.items_BW[:counted, :top_k].cpu(), target_B[rows][:counted])
     finally:
         model.train(was_training)
-    if distributed and dist.get_world_size() > 1:
+    if sharded:
         sums = accumulator.state().to(device)  # nccl reduces device tensors only
         dist.all_reduce(sums)
         accumulator.load_state(sums)

@@ -353,7 +353,8 @@ class Trainer:
         if value > self.best_metric:
             self.best_metric, self.best_step = value, self.step
             self.evals_without_improvement = 0
-            full_state = self._full_weights()  # all ranks take part under expert parallelism
+            if self.expert_parallel or self.dist.is_main:  # gathering experts takes every rank
+                full_state = self._full_weights()
             if self.dist.is_main:
                 save_weights(self.model, self.stage_dir / BEST_WEIGHTS, full_state)
         else:
