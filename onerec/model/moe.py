@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onerec.kernels.moe_routing import permute, topk_softmax_routing, unpermute
+from onerec.kernels.moe_routing import permute, topk_softmax_routing_with_counts, unpermute
 
 
 @dataclass
@@ -48,10 +48,11 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.gate(x_TD).float()
-        weights_TK, indices_TK = topk_softmax_routing(logits_TE, self.top_k, normalize=True)
+        # On CUDA one fused kernel selects the top k and counts the copies per expert as it goes.
+        weights_TK, indices_TK, counts_E = topk_softmax_routing_with_counts(logits_TE, self.top_k, normalize=True)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         # f_e: share of routed copies that went to e (not differentiable); P_e: mean router prob.
-        counts_E = torch.bincount(indices_TK.reshape(-1), minlength=self.num_experts).float()
+        counts_E = counts_E.float()
         fraction_E = counts_E / counts_E.sum().clamp(min=1)
         aux_loss = self.num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
@@ -97,9 +98,13 @@ class Experts(nn.Module):
             nn.init.kaiming_uniform_(self.w2_EFD.data[e].T, a=5**0.5)
 
     def forward(self, x_perm_TkD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        # A loop over experts with one host read of the counts per layer. The grouped GEMM
-        # goes here (torch._grouped_mm / a Triton kernel over the same contiguous slices,
-        # no host sync) and replaces this loop on GPU.
+        if grouped_mm_supported(x_perm_TkD, self.w1_EDF):
+            # One grouped GEMM per projection over the contiguous expert slices: no host read
+            # of the counts, and an expert with no rows still gets its (zero) gradient.
+            offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+            hidden = self.dropout(F.gelu(_grouped_mm(x_perm_TkD, self.w1_EDF, offsets_E)))
+            return _grouped_mm(hidden, self.w2_EFD, offsets_E)
+        # Fallback: a loop over experts with one host read of the counts per layer.
         # An expert with no rows still runs (a free 0-row matmul) so that every expert weight
         # is in the autograd graph: under expert parallelism a rank whose experts got no tokens
         # must still produce (zero) gradients, or DeepSpeed's gradient reduction would wait on it.
@@ -111,6 +116,32 @@ class Experts(nn.Module):
             hidden = self.dropout(F.gelu(chunk @ w1_per_expert[e]))
             outputs.append(hidden @ w2_per_expert[e])
         return torch.cat(outputs, dim=0)
+
+
+def grouped_mm_supported(x_TkD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs this expert matmul: fp32 or bf16 on CPU, bf16 on CUDA
+    (its CUTLASS kernel, Hopper and later); both want rows of whole 16-byte units."""
+    if not hasattr(torch, "_grouped_mm") or x_TkD.dtype != w_EDF.dtype:
+        return False
+    row_units = 16 // x_TkD.element_size()
+    if w_EDF.shape[1] % row_units or w_EDF.shape[2] % row_units:
+        return False
+    if x_TkD.device.type == "cpu":
+        return x_TkD.dtype in (torch.float32, torch.bfloat16)
+    return (
+        x_TkD.device.type == "cuda"
+        and x_TkD.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x_TkD.device)[0] >= 9
+    )
+
+
+def _grouped_mm(x_TkD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ w[e]; offsets_E are the slices' end rows."""
+    y_TkF = torch._grouped_mm(x_TkD.contiguous(), w_EDF, offs=offsets_E)
+    if y_TkF.requires_grad:
+        # Its CPU backward rejects a broadcast (stride-0) gradient, such as y.sum() produces.
+        y_TkF.register_hook(lambda grad: grad.contiguous())
+    return y_TkF
 
 
 class MoEFeedForward(nn.Module):

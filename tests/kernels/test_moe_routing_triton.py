@@ -127,7 +127,7 @@ def test_moe_layer_forward_backward_with_triton_routing(device, monkeypatch):
     x = torch.randn(3, 7, 16, device=device)
 
     def grads(backend):
-        for name in ("topk_softmax_routing", "permute", "unpermute"):
+        for name in ("topk_softmax_routing_with_counts", "permute", "unpermute"):
             fn = getattr(moe_routing, name)
             monkeypatch.setattr(moe_module, name, functools.partial(fn, backend=backend))
         layer.zero_grad()

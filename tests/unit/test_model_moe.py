@@ -4,9 +4,35 @@ import pytest
 import torch
 
 from onerec.model.layers import FeedForward
+from onerec.model import moe as moe_module
 from onerec.model.moe import Experts, LocalDispatcher, MoEFeedForward, Router
 
 
+def test_grouped_gemm_experts_equal_the_per_expert_loop_forward_and_backward(monkeypatch):
+    """The torch._grouped_mm path and the loop fallback, on the same rows (one expert empty)."""
+    torch.manual_seed(4)
+    experts = Experts(num_experts=4, d_model=8, d_ff=16, dropout=0.0)
+    counts_E = torch.tensor([5, 0, 3, 6])
+    x = torch.randn(14, 8)
+    assert moe_module.grouped_mm_supported(x, experts.w1_EDF)
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda *_: grouped)
+        experts.zero_grad()
+        x_in = x.clone().requires_grad_()
+        y = experts(x_in, counts_E)
+        y.sum().backward()  # a broadcast gradient, which the grouped CPU backward must accept
+        results.append((y.detach(), x_in.grad, experts.w1_EDF.grad.clone(), experts.w2_EFD.grad.clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert results[0][2][1].abs().sum() == 0  # the empty expert: present, zero gradient
+
+
+def test_grouped_gemm_is_used_only_where_torch_supports_it():
+    w = torch.zeros(2, 8, 16)
+    assert moe_module.grouped_mm_supported(torch.zeros(3, 8), w)
+    assert not moe_module.grouped_mm_supported(torch.zeros(3, 6), torch.zeros(2, 6, 12))  # rows not 16-byte units
+    assert not moe_module.grouped_mm_supported(torch.zeros(3, 8, dtype=torch.float64), w)  # mixed dtypes
 
 
 @pytest.mark.parametrize("num_experts", [1, 3])
