@@ -2,8 +2,7 @@
 
     python bench/kernels.py                  # CPU: fp32 MoE at T=1024, 1 warmup + 3 repeats (~3 min)
     python bench/kernels.py --device cuda    # GPU: bf16 MoE at T=16384, 3 warmup + 20 repeats
-    (B=64, W=50; catalogues of 10k and 100k items on CPU, 10k and 1M on GPU: the trie's child
-    table is dense, [nodes, max children = 256] x 2 int64, about 8 GB for 1M items)
+    (B=64, W=50; catalogues of 10k and 1M items)
 
 Writes bench/results/kernels_<device>.{json,md} (<device> = cpu, h100, ...) and prints the
 markdown tables.
@@ -14,7 +13,8 @@ markdown tables.
     timed.
       ours      onerec.kernels.constrained_beam.constrained_beam_step, backend "auto"
                 (the Triton kernel on CUDA, the PyTorch reference on CPU), plus the prefix
-                reorder that beam search does after each step
+                reorder that beam search does after each step; as the beam search, the
+                first step reads one row per request (the root) and fans out to W beams
       hf-style  what `generate(..., prefix_allowed_tokens_fn=...)` does in Hugging Face
                 transformers: a Python callback per beam returns the allowed tokens of its
                 prefix (a dict lookup), a -inf mask row is built per beam, then log-softmax +
@@ -119,18 +119,20 @@ def step_logits(steps: int, N: int, sizes: list[int], device, seed: int) -> torc
 
 
 def our_decode(logits_LNC, trie, B: int, W: int):
+    """As onerec.inference.beam_search: the first step reads each request's root row only
+    (row b * W of the shared logits) and fans out to W beams."""
     from onerec.kernels.constrained_beam import constrained_beam_step
 
-    N = B * W
     device = logits_LNC.device
-    scores_N = torch.full((N,), NEG_INF, device=device)
-    scores_N[::W] = 0.0  # one live root beam per request (as onerec.inference.beam_search)
-    states_N = torch.zeros(N, dtype=torch.long, device=device)
-    generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
+    scores_N = torch.zeros(B, device=device)
+    states_N = torch.zeros(B, dtype=torch.long, device=device)
+    generated_NT = torch.zeros(B, 0, dtype=torch.long, device=device)
     for depth, logits_NC in enumerate(logits_LNC):
+        rows = 1 if depth == 0 else W
         local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
         tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
-            logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W
+            logits_NC[::W] if rows == 1 else logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W,
+            rows_per_request=rows,
         )
         generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
     return generated_NT, scores_N
@@ -396,7 +398,7 @@ def markdown(report: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--catalogues", default=None, help="comma-separated item counts (CPU: 10000,100000; GPU: 10000,1000000)")
+    p.add_argument("--catalogues", default=None, help="comma-separated item counts (default 10000,1000000)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--beam", type=int, default=50)
     p.add_argument("--codebook", type=int, default=256)
@@ -412,7 +414,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
-    args.catalogues = [int(n) for n in (args.catalogues or ("10000,1000000" if gpu else "10000,100000")).split(",")]
+    args.catalogues = [int(n) for n in (args.catalogues or "10000,1000000").split(",")]
     args.moe_tokens = args.moe_tokens or (16384 if gpu else 1024)
     args.moe_dtype = args.moe_dtype or ("bf16" if gpu else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)

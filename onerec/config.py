@@ -206,6 +206,9 @@ class EvalConfig:
     # Cap on users evaluated during training-time validation (0: all); the final
     # validation and test numbers always use every user.
     max_valid_users: int = 0
+    # Never recommend an item already in the user's history (the beam search masks those
+    # leaves; SASRec masks those scores). For logs where an item is consumed at most once.
+    exclude_history: bool = False
 
     def __post_init__(self) -> None:
         if self.beam_width < max(self.ks):

@@ -28,7 +28,11 @@ def constrained_beam_step(
     child_nodes: torch.Tensor,
     beam_width: int,
     backend: str = "auto",
+    rows_per_request: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens_N, parents_N, scores_N, states_N) of the next W beams per request; see reference.py."""
+    """(tokens, parents, scores, states) of the next W beams per request, each [B * W];
+    rows_per_request (default W) input rows belong to each request. See reference.py."""
     impl = _pick(backend, logits_NC)
-    return impl.constrained_beam_step(logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width)
+    return impl.constrained_beam_step(
+        logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width, rows_per_request
+    )

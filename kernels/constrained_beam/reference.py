@@ -1,12 +1,16 @@
 """One trie-constrained beam-search step in plain PyTorch: the golden value and the CPU path.
 
-Shape legend: B requests, W beams per request, N = B * W beam rows (rows b*W .. b*W+W-1
-belong to request b), C codebook size (C_max), Bm max children of a trie node
-(fixed-width CSR rows, STATIC arXiv 2602.22647), Nn trie nodes.
+Shape legend: B requests, W beams per request out, R input rows per request (R = W, or
+R = 1 for the first step, where each request has only its root), N = B * R input rows (rows
+b*R .. b*R+R-1 belong to request b), C codebook size (C_max), Bm max children of a trie
+node (fixed-width CSR rows, STATIC arXiv 2602.22647), Nn trie nodes, X = R * Bm.
 
     logits_NC --log_softmax (fp32)--> gather at each beam's children   -> cand_NBm (+ beam score)
-    request b's W x Bm candidates, flat index = parent_local * Bm + slot
-        --stable descending sort, keep W--> tokens, parent rows, scores, child states
+    request b's X = R x Bm candidates, flat index = parent_local * Bm + slot
+        --stable descending sort, keep W--> tokens, parent rows, scores, child states  [B * W]
+
+Why R: at the first step every request has one live beam (the root). Reading W copies of it
+would score W x C candidates per request to keep W: 50x the work at W = 50, for nothing.
 
 No Python loop over beams or requests and no host synchronisation (.item(), nonzero,
 boolean-mask indexing): every size is known from the shapes, so a whole decode can be
@@ -29,15 +33,19 @@ def _check_inputs(
     child_tokens: torch.Tensor,
     child_nodes: torch.Tensor,
     beam_width: int,
+    rows_per_request: int,
 ) -> None:
     # Shapes and dtypes only: a value check would cost a host sync per step on GPU.
-    if beam_width < 1:
-        raise ValueError(f"beam_width={beam_width}: expected >= 1")
+    if beam_width < 1 or rows_per_request < 1:
+        raise ValueError(f"beam_width={beam_width} and rows_per_request={rows_per_request}: expected >= 1")
     if logits_NC.dim() != 2:
         raise ValueError(f"logits_NC must be [N, C], got shape {tuple(logits_NC.shape)}")
     N = logits_NC.shape[0]
-    if N % beam_width:
-        raise ValueError(f"{N} beam rows is not a multiple of beam_width={beam_width} (rows must be B * W)")
+    if N % rows_per_request:
+        raise ValueError(
+            f"{N} beam rows is not a multiple of rows_per_request={rows_per_request} "
+            "(the beam width unless given; rows must be B * R)"
+        )
     if beam_scores_N.shape != (N,) or states_N.shape != (N,):
         raise ValueError(
             f"beam_scores_N and states_N must be [N]={N}, got {tuple(beam_scores_N.shape)} and {tuple(states_N.shape)}"
@@ -78,37 +86,46 @@ def constrained_beam_step(
     child_tokens: torch.Tensor,
     child_nodes: torch.Tensor,
     beam_width: int,
+    rows_per_request: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (tokens_N, parents_N, scores_N, states_N); each request's W beams sorted by score.
+    """Returns (tokens, parents, scores, states), each [B * W]; each request's W beams sorted by score.
 
-    parents are global row indices into the N input beams. A beam is dead when its state is -1
+    rows_per_request (R, default W): how many of the N input rows belong to each request.
+    parents are global row indices into the N input rows. A beam is dead when its state is -1
     or its score -inf: it has no children. When fewer than W live candidates exist, the extra
     output beams are dead (token -1, state -1, score -inf). Ties go to the lower flat candidate
-    index (parent beam first, then child slot), so results are deterministic.
+    index (parent beam first, then child slot), so results are deterministic. When a request
+    has fewer than W candidates at all (R * Bm < W), the missing beams are dead with the
+    request's first row as parent.
     """
-    _check_inputs(logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width)
+    R = beam_width if rows_per_request is None else rows_per_request
+    _check_inputs(logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width, R)
     N = logits_NC.shape[0]
     W = beam_width
-    B = N // W
+    B = N // R
     device = logits_NC.device
 
     log_probs_NC = torch.log_softmax(logits_NC.float(), dim=-1)
     beam_scores_N = beam_scores_N.float()
     alive_N = (states_N >= 0) & (beam_scores_N > float("-inf"))
     safe_states_N = states_N.clamp(min=0)  # dead rows read the root's row, then get masked out
-    tokens_NBm = child_tokens[safe_states_N]
-    nodes_NBm = child_nodes[safe_states_N]
+    tokens_NBm = child_tokens[safe_states_N]  # child nodes are read only for the W picks
     Bm = tokens_NBm.shape[1]
     valid_NBm = (tokens_NBm >= 0) & alive_N.unsqueeze(1)
     cand_NBm = log_probs_NC.gather(1, tokens_NBm.clamp(min=0)) + beam_scores_N.unsqueeze(1)
     cand_NBm = cand_NBm.masked_fill(~valid_NBm, float("-inf"))
 
-    # W * Bm >= W always, so keeping W is well defined.
-    pick_BW = top_by_score_then_index(cand_NBm.view(B, W * Bm), W)
-    scores_N = cand_NBm.view(B, W * Bm).gather(1, pick_BW).reshape(N)
-    parents_N = (pick_BW // Bm + torch.arange(B, device=device).unsqueeze(1) * W).reshape(N)
-    slots_N = (pick_BW % Bm).reshape(N)
-    live_N = scores_N > float("-inf")
-    tokens_out_N = tokens_NBm[parents_N, slots_N].masked_fill(~live_N, -1)
-    states_out_N = nodes_NBm[parents_N, slots_N].masked_fill(~live_N, -1)
-    return tokens_out_N, parents_N, scores_N, states_out_N
+    X = R * Bm
+    cand_BX = cand_NBm.view(B, X)
+    if X < W:  # too few candidates to fill W beams: pad with dead ones that sort last
+        cand_BX = torch.cat([cand_BX, cand_BX.new_full((B, W - X), float("-inf"))], dim=1)
+    pick_BW = top_by_score_then_index(cand_BX, W)
+    scores_out = cand_BX.gather(1, pick_BW).reshape(B * W)
+    real_BW = pick_BW < X
+    parent_local_BW = torch.where(real_BW, pick_BW // Bm, 0)
+    parents_out = (parent_local_BW + torch.arange(B, device=device).unsqueeze(1) * R).reshape(B * W)
+    slots_out = torch.where(real_BW, pick_BW % Bm, 0).reshape(B * W)
+    live_out = scores_out > float("-inf")
+    tokens_out = tokens_NBm[parents_out, slots_out].masked_fill(~live_out, -1)
+    states_out = child_nodes[safe_states_N[parents_out], slots_out].masked_fill(~live_out, -1)
+    return tokens_out, parents_out, scores_out, states_out

@@ -1,8 +1,8 @@
 """One trie-constrained beam-search step in Triton: the same contract as `reference.py`.
 
-Shape legend: B requests, W beams per request, N = B * W beam rows (rows b*W .. b*W+W-1
-belong to request b), C codebook size (C_max), Bm max children of a trie node, Nn trie
-nodes, X = W * Bm candidates per request.
+Shape legend: B requests, W beams per request out, R input rows per request (W, or 1 at the
+first step), N = B * R input rows (rows b*R .. b*R+R-1 belong to request b), C codebook
+size (C_max), Bm max children of a trie node, Nn trie nodes, X = R * Bm candidates per request.
 
 Three launches per step, no host synchronisation, no Python loop over beams:
 
@@ -19,6 +19,7 @@ Three launches per step, no host synchronisation, no Python loop over beams:
        included, so "ties go to the lower flat index" holds for live and dead outputs alike.
     2. torch.topk(keys_BX, W)  (largest, sorted): with unique keys the result is the first
        W entries of the stable sort; topk does not need a full sort of the X candidates.
+       When X < W the keys are padded with dead ones (flat >= X, after every real key).
     3. _decode_top_kernel       grid (B,)   key -> score (bit-exact), parent row, child slot;
        token and child state from the child table, -1 where the score is -inf.
 
@@ -47,7 +48,7 @@ def _candidate_keys_kernel(
     child_tokens_ptr,  # [Nn, Bm] int64, -1 = no child
     keys_ptr,  # [N, Bm] int64 out
     C,
-    W,
+    R,
     Bm,
     BLOCK_C: tl.constexpr,
     BLOCK_BM: tl.constexpr,
@@ -76,7 +77,7 @@ def _candidate_keys_kernel(
     # below is a comparison of [BLOCK_BM] tensors (a scalar bool & a vector is not a valid
     # mask under TRITON_INTERPRET). tok < C also keeps a malformed trie from reading past the row.
     token_limit = tl.where(alive, C, 0)
-    parent_local = n % W
+    parent_local = n % R
     for j0 in range(0, Bm, BLOCK_BM):
         offs_j = j0 + tl.arange(0, BLOCK_BM)
         in_row = offs_j < Bm
@@ -97,14 +98,15 @@ def _candidate_keys_kernel(
 @triton.jit
 def _decode_top_kernel(
     top_keys_ptr,  # [B, W] int64, the W largest keys of each request, descending
-    states_ptr,  # [N] int64 input beam states
+    states_ptr,  # [N = B * R] int64 input beam states
     child_tokens_ptr,  # [Nn, Bm] int64
     child_nodes_ptr,  # [Nn, Bm] int64
-    tokens_out_ptr,  # [N] int64 out
-    parents_out_ptr,  # [N] int64 out
-    scores_out_ptr,  # [N] float32 out
-    states_out_ptr,  # [N] int64 out
+    tokens_out_ptr,  # [B * W] int64 out
+    parents_out_ptr,  # [B * W] int64 out
+    scores_out_ptr,  # [B * W] float32 out
+    states_out_ptr,  # [B * W] int64 out
     W,
+    R,
     Bm,
     BLOCK_W: tl.constexpr,
 ):
@@ -118,8 +120,9 @@ def _decode_top_kernel(
     ordered = high.to(tl.int32)
     bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
     score = bits.to(tl.float32, bitcast=True)
-    parent = b * W + flat // Bm
-    slot = flat % Bm
+    real = flat < R * Bm  # padding keys (X < W) are dead: parent = the request's first row
+    parent = b * R + tl.where(real, flat // Bm, 0)
+    slot = tl.where(real, flat % Bm, 0)
     live = score > float("-inf")
     # as the reference: the child of the parent's (clamped) state at that slot, -1 when dead
     state = tl.maximum(tl.load(states_ptr + parent, mask=mask, other=0), 0)
@@ -138,56 +141,72 @@ def constrained_beam_step(
     child_tokens: torch.Tensor,
     child_nodes: torch.Tensor,
     beam_width: int,
+    rows_per_request: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens_N, parents_N, scores_N, states_N), the reference's contract; see the module docstring."""
-    _check_inputs(logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width)
+    """(tokens, parents, scores, states), the reference's contract; see the module docstring."""
+    R = beam_width if rows_per_request is None else rows_per_request
+    _check_inputs(logits_NC, beam_scores_N, states_N, child_tokens, child_nodes, beam_width, R)
     N, C = logits_NC.shape
     W = beam_width
-    B = N // W
+    B = N // R
     Bm = child_tokens.shape[1]
+    X = R * Bm
     device = logits_NC.device
-    if W * Bm > _FLAT_MAX:
-        raise ValueError(f"beam_width * max_children = {W * Bm} candidates per request: at most {_FLAT_MAX}")
+    if max(X, W) > _FLAT_MAX:
+        raise ValueError(f"rows_per_request * max_children = {X} candidates per request: at most {_FLAT_MAX}")
     tensors = (logits_NC, beam_scores_N, states_N, child_tokens, child_nodes)
     if any(t.device != device for t in tensors):
         raise ValueError(f"all inputs must be on one device, got {[str(t.device) for t in tensors]}")
 
-    tokens_N = torch.empty(N, dtype=torch.long, device=device)
-    parents_N = torch.empty(N, dtype=torch.long, device=device)
-    scores_N = torch.empty(N, dtype=torch.float32, device=device)
-    new_states_N = torch.empty(N, dtype=torch.long, device=device)
+    tokens_out = torch.empty(B * W, dtype=torch.long, device=device)
+    parents_out = torch.empty(B * W, dtype=torch.long, device=device)
+    scores_out = torch.empty(B * W, dtype=torch.float32, device=device)
+    states_out = torch.empty(B * W, dtype=torch.long, device=device)
     if N == 0:  # an empty batch: nothing to launch (a grid of 0 programs is an error)
-        return tokens_N, parents_N, scores_N, new_states_N
+        return tokens_out, parents_out, scores_out, states_out
 
     logits_NC = logits_NC.contiguous()
+    states_N = states_N.contiguous()
     child_tokens = child_tokens.contiguous()
     child_nodes = child_nodes.contiguous()
     keys_NBm = torch.empty(N, Bm, dtype=torch.long, device=device)
     _candidate_keys_kernel[(N,)](
         logits_NC,
         beam_scores_N.contiguous(),
-        states_N.contiguous(),
+        states_N,
         child_tokens,
         keys_NBm,
         C,
-        W,
+        R,
         Bm,
         BLOCK_C=min(triton.next_power_of_2(C), 1024),
         BLOCK_BM=min(triton.next_power_of_2(Bm), 1024),
     )
+    keys_BX = keys_NBm.view(B, X)
+    if X < W:
+        keys_BX = torch.cat([keys_BX, _dead_keys(X, W, device).expand(B, -1)], dim=1)
     # Keys are unique per request, so topk's (unspecified) tie handling never comes into play.
-    top_keys_BW = torch.topk(keys_NBm.view(B, W * Bm), W, dim=1, largest=True, sorted=True).values.contiguous()
+    top_keys_BW = torch.topk(keys_BX, W, dim=1, largest=True, sorted=True).values.contiguous()
     _decode_top_kernel[(B,)](
         top_keys_BW,
-        states_N.contiguous(),
+        states_N,
         child_tokens,
         child_nodes,
-        tokens_N,
-        parents_N,
-        scores_N,
-        new_states_N,
+        tokens_out,
+        parents_out,
+        scores_out,
+        states_out,
         W,
+        R,
         Bm,
         BLOCK_W=triton.next_power_of_2(W),
     )
-    return tokens_N, parents_N, scores_N, new_states_N
+    return tokens_out, parents_out, scores_out, states_out
+
+
+def _dead_keys(first_flat: int, end_flat: int, device) -> torch.Tensor:
+    """[1, end - first] keys of -inf candidates at flat indices first .. end - 1 (as kernel 1 builds them)."""
+    bits = torch.tensor(float("-inf"), dtype=torch.float32).view(torch.int32).item()
+    ordered = bits ^ 0x7FFFFFFF  # negative float: magnitude bits flipped
+    flat = torch.arange(first_flat, end_flat, device=device)
+    return ((ordered << 32) + (_FLAT_MAX - flat)).unsqueeze(0)

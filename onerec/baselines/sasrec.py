@@ -55,10 +55,17 @@ class SASRec(nn.Module):
         return hidden_xD @ self.item_emb.weight[1:].T
 
     @torch.no_grad()
-    def top_k(self, history_BS: torch.Tensor, k: int) -> torch.Tensor:
-        """The k best items after each history (right-aligned), [B, k]."""
+    def top_k(self, history_BS: torch.Tensor, k: int, exclude_history: bool = False) -> torch.Tensor:
+        """The k best items after each history (right-aligned), [B, k]; exclude_history: never
+        one of the history's own items (the same rule as the beam search's `eval.exclude_history`)."""
         hidden_BD = self.forward(history_BS)[:, -1]
-        return self.item_logits(hidden_BD).topk(min(k, self.num_items), dim=-1).indices
+        scores_BN = self.item_logits(hidden_BD)
+        if exclude_history:
+            # Padding (-1) lands on an extra column that is dropped again.
+            seen_BN = torch.zeros(scores_BN.shape[0], self.num_items + 1, dtype=torch.bool, device=scores_BN.device)
+            seen_BN.scatter_(1, torch.where(history_BS >= 0, history_BS, self.num_items), True)
+            scores_BN = scores_BN.masked_fill(seen_BN[:, :-1], float("-inf"))
+        return scores_BN.topk(min(k, self.num_items), dim=-1).indices
 
 
 def training_sequences(offsets: np.ndarray, items: np.ndarray, train_len: np.ndarray, max_len: int) -> np.ndarray:

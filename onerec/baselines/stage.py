@@ -31,7 +31,13 @@ log = logging.getLogger("onerec.baseline")
 
 
 def evaluate_sasrec(
-    model: SASRec, history_BS: np.ndarray, target_B: np.ndarray, ks: list[int], batch_size: int, device
+    model: SASRec,
+    history_BS: np.ndarray,
+    target_B: np.ndarray,
+    ks: list[int],
+    batch_size: int,
+    device,
+    exclude_history: bool = False,
 ) -> dict[str, float]:
     accumulator = MetricAccumulator(ks)
     was_training = model.training
@@ -39,7 +45,7 @@ def evaluate_sasrec(
     try:
         for start in range(0, len(target_B), batch_size):
             history = torch.as_tensor(history_BS[start : start + batch_size], device=device)
-            ranked = model.top_k(history, accumulator.ks[-1])
+            ranked = model.top_k(history, accumulator.ks[-1], exclude_history)
             accumulator.update(ranked.cpu(), torch.as_tensor(target_B[start : start + batch_size]))
     finally:
         model.train(was_training)
@@ -85,7 +91,7 @@ def main(cfg: RootConfig) -> dict:
                 loss.backward()
                 optimizer.step()
                 total, batches = total + loss.item(), batches + 1
-            metrics = evaluate_sasrec(model, valid.history, valid.target[:, 0], ks, 1024, device)
+            metrics = evaluate_sasrec(model, valid.history, valid.target[:, 0], ks, 1024, device, cfg.eval.exclude_history)
             epochs_run = epoch
             run_logger.log({"loss": total / batches, **{f"valid/{k}": v for k, v in metrics.items()}}, epoch)
             bar.set_postfix(loss=f"{total / batches:.3f}", ndcg10=f"{metrics.get('ndcg@10', 0.0):.4f}")
@@ -99,7 +105,7 @@ def main(cfg: RootConfig) -> dict:
 
     model.load_state_dict(best["state"])
     test = splits["test"]
-    test_metrics = evaluate_sasrec(model, test.history, test.target[:, 0], ks, 1024, device)
+    test_metrics = evaluate_sasrec(model, test.history, test.target[:, 0], ks, 1024, device, cfg.eval.exclude_history)
     out_dir = paths.baselines / "sasrec"
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, out_dir / "model.safetensors")

@@ -1,11 +1,13 @@
 """Trie-constrained beam search: every beam is always a prefix of a real item's code tuple.
 
-Shape legend: B requests, W beams per request, N = B * W beam rows, S history length,
-L code levels, C codebook size (C_max), T codes generated so far.
+Shape legend: B requests, W beams per request, N = B * W beam rows (N = B at the first step),
+S history length, L code levels, C codebook size (C_max), T codes generated so far.
 
-The encoder runs once per request; each of the L steps runs the decoder for all N beams,
-then one `constrained_beam_step` (log-softmax, valid trie children only, top W per request)
-and a gather that reorders the generated prefixes by parent:
+The encoder runs once per request; each of the L steps runs the decoder for all beams, then
+one `constrained_beam_step` (log-softmax, valid trie children only, top W per request) and a
+gather that reorders the generated prefixes by parent. The first step has one row per
+request, the root, and fans out to W beams (the decoder and the step would otherwise score
+W identical copies of it):
 
     step t:  generated_NT --decode_step--> logits_NC --beam step--> tokens_N, parents_N
              generated_N(T+1) = cat(generated_NT[parents_N], tokens_N)
@@ -45,8 +47,13 @@ def constrained_beam_search(
     beam_width: int,
     user_B: torch.Tensor | None = None,
     history_items_BS: torch.Tensor | None = None,
+    exclude_items_BX: torch.Tensor | None = None,
 ) -> BeamSearchOutput:
     """Top-`beam_width` items per request by beam search restricted to the trie.
+
+    exclude_items_BX (item indices, -1 padding) are never returned: at the last level their
+    leaves are masked out of each request's beams, so the W beams go to other items (used to
+    leave out what the user already has, where items are not consumed twice).
 
     Runs on the model's device, in whatever train/eval mode the caller left the model
     (call `model.eval()` first for deterministic results).
@@ -60,27 +67,35 @@ def constrained_beam_search(
         )
     device = model_device(model, history_codes_BSL.device)
     B, W, L = history_codes_BSL.shape[0], beam_width, trie.depth
-    N = B * W
     trie = trie.to(device)
     history_codes_BSL = history_codes_BSL.to(device)
     user_B = None if user_B is None else user_B.to(device)
     history_items_BS = None if history_items_BS is None else history_items_BS.to(device)
+    if exclude_items_BX is not None and (exclude_items_BX.dim() != 2 or exclude_items_BX.shape[0] != B):
+        raise ValueError(f"exclude_items_BX must be [batch={B}, X], got shape {tuple(exclude_items_BX.shape)}")
+    excluded_rows = None if exclude_items_BX is None else exclude_items_BX.to(device)  # [rows, X]
 
-    memory = model.encode(history_codes_BSL, user_B, history_items_BS).repeat_beams(W)
-    # Every beam starts at the root, but only beam 0 of each request is alive: W live copies
-    # of the root would each expand to the same children and fill the beam with duplicates.
-    scores_N = torch.full((N,), float("-inf"), device=device)
-    scores_N[::W] = 0.0
-    states_N = torch.zeros(N, dtype=torch.long, device=device)
-    generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
+    # The first step reads one row per request (its root) and fans out to W beams; from then
+    # on every request has W rows, and the encoder states are repeated to match.
+    memory = model.encode(history_codes_BSL, user_B, history_items_BS)
+    rows_per_request = 1
+    scores_N = torch.zeros(B, device=device)
+    states_N = torch.zeros(B, dtype=torch.long, device=device)
+    generated_NT = torch.zeros(B, 0, dtype=torch.long, device=device)
     for depth in range(L):
         # Dead beams carry -1 tokens; feed them as code 0 (their logits are never used).
         logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
         local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
+        if excluded_rows is not None and depth == L - 1:
+            logits_NC = _mask_excluded_leaves(logits_NC, local_states_N, child_tokens, child_nodes, trie, excluded_rows)
         tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
-            logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W
+            logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W, rows_per_request=rows_per_request
         )
         generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
+        if rows_per_request == 1:
+            memory = memory.repeat_beams(W)
+            excluded_rows = None if excluded_rows is None else excluded_rows.repeat_interleave(W, dim=0)
+            rows_per_request = W
 
     # After L steps each live beam sits on a leaf. Items are distinct by construction: each
     # leaf is exactly one item, and two beams never share a path (a beam's children are
@@ -92,6 +107,30 @@ def constrained_beam_search(
     return BeamSearchOutput(
         items_BW=items_N.view(B, W), scores_BW=scores_N.view(B, W), codes_BWL=codes_NL.view(B, W, L)
     )
+
+
+def _mask_excluded_leaves(
+    logits_NC: torch.Tensor,
+    local_states_N: torch.Tensor,
+    child_tokens: torch.Tensor,
+    child_nodes: torch.Tensor,
+    trie: Trie,
+    excluded_NX: torch.Tensor,
+) -> torch.Tensor:
+    """-inf at the last-level codes whose leaf is one of the beam's excluded items.
+
+    The step's log-softmax then renormalises over the codes left, i.e. it scores an item
+    given that it is not an excluded one. A beam whose children are all excluded dies.
+    """
+    rows_N = local_states_N.clamp(min=0)
+    nodes_NK = child_nodes[rows_N]  # [N, Bd], -1 padding
+    items_NK = torch.where(nodes_NK >= 0, trie.node_item[nodes_NK.clamp(min=0)], -1)
+    hit_NK = (items_NK.unsqueeze(-1) == excluded_NX.unsqueeze(1)).any(-1) & (items_NK >= 0)
+    # amax, not a plain scatter: padding entries (token clamped to 0, hit False) must not
+    # overwrite a real hit on code 0.
+    mask_NC = torch.zeros(logits_NC.shape, dtype=torch.int8, device=logits_NC.device)
+    mask_NC.scatter_reduce_(1, child_tokens[rows_N].clamp(min=0), hit_NK.to(torch.int8), reduce="amax")
+    return logits_NC.masked_fill(mask_NC.bool(), float("-inf"))
 
 
 @dataclass
@@ -132,22 +171,25 @@ def generate_sessions(
     trie = trie.to(device)
     user_B = None if user_B is None else user_B.to(device)
     history_items_BS = None if history_items_BS is None else history_items_BS.to(device)
-    memory = model.encode(history_codes_BSL.to(device), user_B, history_items_BS).repeat_beams(W)
+    memory = model.encode(history_codes_BSL.to(device), user_B, history_items_BS)
 
-    scores_N = torch.full((N,), float("-inf"), device=device)
-    scores_N[::W] = 0.0
-    states_N = torch.zeros(N, dtype=torch.long, device=device)
-    generated_NT = torch.zeros(N, 0, dtype=torch.long, device=device)
-    items_NM = torch.full((N, M), -1, dtype=torch.long, device=device)
+    # As in constrained_beam_search: one row per request until the first step fans out to W.
+    rows_per_request = 1
+    scores_N = torch.zeros(B, device=device)
+    states_N = torch.zeros(B, dtype=torch.long, device=device)
+    generated_NT = torch.zeros(B, 0, dtype=torch.long, device=device)
+    items_NM = torch.full((B, M), -1, dtype=torch.long, device=device)
     for m in range(M):
         for depth in range(L):
             logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
             local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
             tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
-                logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W
+                logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W, rows_per_request=rows_per_request
             )
             generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
             items_NM = items_NM[parents_N]
+            if rows_per_request == 1:
+                memory, rows_per_request = memory.repeat_beams(W), W
         live_N = states_N >= 0
         items_NM[:, m] = torch.where(live_N, trie.node_item[states_N.clamp(min=0)], -1)
         states_N = torch.where(live_N, torch.zeros_like(states_N), states_N)  # next item starts at the root

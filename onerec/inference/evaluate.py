@@ -34,8 +34,11 @@ def evaluate_examples(
     max_users: int = 0,
     desc: str = "eval",
     distributed: bool = False,
+    exclude_history: bool = False,
 ) -> dict[str, float]:
     """Recall/NDCG@K of the top-K beams for each (history, held-out target) row.
+
+    exclude_history=True: no row is recommended an item of its own history.
 
     history_BS holds item indices, right-aligned with -1 padding on the left. max_users > 0
     evaluates only the first max_users rows (0: all). The model is put in eval mode and its
@@ -88,7 +91,13 @@ def evaluate_examples(
             history_codes_BSL = lookup_codes(history_items_BS, codes_NL)
             users = None if user_B is None else user_B[rows].to(device)
             output = constrained_beam_search(
-                model, history_codes_BSL, trie, beam_width, user_B=users, history_items_BS=history_items_BS
+                model,
+                history_codes_BSL,
+                trie,
+                beam_width,
+                user_B=users,
+                history_items_BS=history_items_BS,
+                exclude_items_BX=history_items_BS if exclude_history else None,
             )
             counted = max(0, min(batch_size, num_counted - start))  # padding rows are not counted
             if counted:

@@ -49,6 +49,7 @@ def main(cfg: RootConfig) -> dict:
                 pretrained.model, examples.history, examples.target[:, 0], examples.user if use_user_token else None,
                 codes_NL, pretrained.trie, beam_width=cfg.eval.beam_width, ks=list(cfg.eval.ks),
                 batch_size=cfg.eval.batch_size, device=device, desc=f"{split} (pretrained)",
+                exclude_history=cfg.eval.exclude_history,
             )
             log.info("%s pretrained model: %s", split, _fmt(metrics["pretrain_model"][split]))
         metrics[split] = evaluate_examples(
@@ -63,6 +64,7 @@ def main(cfg: RootConfig) -> dict:
             batch_size=cfg.eval.batch_size,
             device=device,
             desc=split,
+            exclude_history=cfg.eval.exclude_history,
         )
         metrics["baselines"]["popularity"][split] = evaluate_popularity(
             torch.as_tensor(counts_N), torch.as_tensor(examples.target[:, 0]), list(cfg.eval.ks)

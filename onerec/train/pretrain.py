@@ -114,6 +114,7 @@ def main(cfg: RootConfig) -> Path:
             device=device,
             desc="valid",
             distributed=dist_info.world_size > 1,  # each rank decodes its share of the users
+            exclude_history=cfg.eval.exclude_history,
         )
         token_rate.reset()  # the next tokens_per_s covers training steps only
         return metrics

@@ -174,11 +174,37 @@ def test_backend_dispatch():
 
 def test_bad_inputs_raise_value_errors():
     logits, scores, states = torch.randn(5, 4), torch.zeros(5), torch.zeros(5, dtype=torch.long)
-    with pytest.raises(ValueError, match="multiple of beam_width"):
+    with pytest.raises(ValueError, match="multiple of rows_per_request=2"):
         constrained_beam_step(logits, scores, states, CHILD_TOKENS, CHILD_NODES, 2)
+    with pytest.raises(ValueError, match="multiple of rows_per_request=3"):
+        constrained_beam_step(logits, scores, states, CHILD_TOKENS, CHILD_NODES, 5, rows_per_request=3)
+    with pytest.raises(ValueError, match="rows_per_request=0"):
+        constrained_beam_step(logits, scores, states, CHILD_TOKENS, CHILD_NODES, 5, rows_per_request=0)
     with pytest.raises(ValueError, match="beam_width"):
         constrained_beam_step(logits, scores, states, CHILD_TOKENS, CHILD_NODES, 0)
     with pytest.raises(ValueError, match="int64"):
         constrained_beam_step(logits, scores, states.int(), CHILD_TOKENS, CHILD_NODES, 5)
     with pytest.raises(ValueError, match="child_tokens and child_nodes"):
         constrained_beam_step(logits, scores, states, CHILD_TOKENS, CHILD_NODES[:, :1], 5)
+
+
+@pytest.mark.parametrize("W", [1, 2, 5])  # 5 > the root's two children: padded dead beams
+def test_one_row_per_request_equals_w_rows_with_dead_copies(W):
+    """rows_per_request=1 (the first decoding step) picks what the W-row form picks when only
+    row 0 of each request is alive: same tokens, scores and states, parent row b instead of b * W."""
+    g = torch.Generator().manual_seed(W)
+    B = 3
+    logits_B = torch.randn(B, 4, generator=g)
+    one_row = constrained_beam_step(logits_B, torch.zeros(B), torch.zeros(B, dtype=torch.long),
+                                    CHILD_TOKENS, CHILD_NODES, W, rows_per_request=1)
+    scores_N = torch.full((B * W,), NEG_INF)
+    scores_N[::W] = 0.0
+    w_rows = constrained_beam_step(logits_B.repeat_interleave(W, dim=0), scores_N,
+                                   torch.zeros(B * W, dtype=torch.long), CHILD_TOKENS, CHILD_NODES, W)
+    tokens, parents, scores, states = one_row
+    assert torch.equal(tokens, w_rows[0]) and torch.equal(states, w_rows[3])
+    torch.testing.assert_close(scores, w_rows[2], rtol=0, atol=0)
+    live = scores > NEG_INF
+    assert live.sum() == B * min(W, 2)
+    assert torch.equal(parents[live] * W, w_rows[1][live])
+    assert torch.equal(parents, torch.arange(B).repeat_interleave(W))  # dead ones: the request's row too

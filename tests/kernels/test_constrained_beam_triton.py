@@ -83,6 +83,25 @@ def test_step_matches_the_reference(device, B, W, sizes, num_items):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "B, W, sizes, num_items",
+    [
+        (3, 4, [6, 4, 9, 2], 30),
+        (2, 9, [5, 3, 7], 20),  # W > the root's children: padded dead beams
+        (1, 1, [5, 3, 7], 20),
+    ],
+)
+def test_one_row_per_request_matches_the_reference(device, B, W, sizes, num_items):
+    """The first step's form: R = 1 input row per request, W beams out."""
+    for seed in range(3):
+        args = random_step_inputs(B, 1, sizes, num_items, seed, device)
+        ours = constrained_beam_step(*args, beam_width=W, backend="triton", rows_per_request=1)
+        ref = constrained_beam_step(*args, beam_width=W, backend="reference", rows_per_request=1)
+        assert ours[0].shape == (B * W,)
+        assert_same_step(ours, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_child_node_and_more_beams_than_items(device):
     # request 0: a beam on node 2 (one child) and dead beams; request 1: the root, W = 4 > 2 children
     logits = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))

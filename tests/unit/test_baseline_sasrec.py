@@ -50,6 +50,17 @@ def test_learns_a_deterministic_successor_rule():
     assert ranked[:, 0].tolist() == [7, 2]
 
 
+def test_top_k_can_leave_out_the_history_items_and_keeps_the_rest_in_order():
+    torch.manual_seed(0)
+    model = SASRec(CFG, num_items=9, max_len=4).eval()
+    history = torch.tensor([[-1, 1, 2, 3], [-1, -1, -1, 8]])
+    full = model.top_k(history, 9)
+    kept = model.top_k(history, 5, exclude_history=True)
+    for b, seen in enumerate([{1, 2, 3}, {8}]):
+        expected = [i for i in full[b].tolist() if i not in seen][:5]
+        assert kept[b].tolist() == expected
+
+
 def test_rejects_a_history_longer_than_max_len():
     with pytest.raises(ValueError, match="max_len"):
         SASRec(CFG, 5, max_len=2)(torch.zeros(1, 3, dtype=torch.long))

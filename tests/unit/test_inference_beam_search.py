@@ -181,6 +181,49 @@ def test_each_request_is_independent_of_the_rest_of_the_batch():
         torch.testing.assert_close(alone.scores_BW[0], together.scores_BW[b], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["fake", "moe"])
+def test_excluded_items_never_come_out_and_every_other_item_still_does(kind):
+    sizes = [5, 3, 2]
+    codes = random_catalogue(20, sizes, 4)
+    N = len(codes)
+    trie = build_trie(codes, sizes)
+    model = make_model(kind, sizes, 4)
+    history = random_histories(codes, 3, 4)
+    excluded = torch.tensor([[3, 3, 7, -1], [-1, -1, -1, -1], [0, 19, 5, 12]])  # a repeat, none, four
+    out = constrained_beam_search(model, history, trie, beam_width=N, exclude_items_BX=excluded)
+    for b in range(3):
+        banned = {i for i in excluded[b].tolist() if i >= 0}
+        live = [i for i in out.items_BW[b].tolist() if i >= 0]
+        assert sorted(live) == sorted(set(range(N)) - banned)  # the beam covers the rest of the catalogue
+        assert torch.isneginf(out.scores_BW[b, len(live):]).all()
+    plain = constrained_beam_search(model, history, trie, beam_width=N)
+    assert torch.equal(out.items_BW[1], plain.items_BW[1])  # nothing to exclude: nothing changes
+    torch.testing.assert_close(out.scores_BW[1], plain.scores_BW[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fake", "moe"])
+def test_exclusion_renormalises_only_among_the_siblings_of_excluded_items(kind):
+    """An item whose last-level siblings are all allowed keeps its exact score; a sibling of
+    an excluded item is scored given that the excluded one is not allowed (log-prob mass moved)."""
+    sizes = [4, 3, 3]
+    codes = random_catalogue(30, sizes, 8)
+    trie = build_trie(codes, sizes)
+    model = make_model(kind, sizes, 8)
+    history = random_histories(codes, 2, 8)
+    ref_items, ref_scores = exhaustive_top_k(model, history, codes, k=len(codes))
+    excluded = ref_items[:, :2]  # each request's two best items
+    out = constrained_beam_search(model, history, trie, beam_width=6, exclude_items_BX=excluded)
+    for b in range(2):
+        exact = dict(zip(ref_items[b].tolist(), ref_scores[b].tolist()))
+        excluded_parents = {tuple(codes[i, :-1].tolist()) for i in excluded[b].tolist()}
+        assert not set(out.items_BW[b].tolist()) & set(excluded[b].tolist())
+        for item, score in zip(out.items_BW[b].tolist(), out.scores_BW[b].tolist()):
+            if tuple(codes[item, :-1].tolist()) in excluded_parents:
+                assert score > exact[item]  # its parent's probability is now shared by fewer leaves
+            else:
+                assert score == pytest.approx(exact[item], rel=1e-5, abs=1e-5)
+
+
 def test_exhaustive_scores_are_teacher_forced_log_probs():
     """Exhaustive (via forward) against a per-item loop over decode_step: two code paths, one number."""
     sizes = [3, 2, 2]
@@ -214,5 +257,7 @@ def test_runs_in_inference_mode_and_rejects_bad_arguments():
         constrained_beam_search(model, history, trie, beam_width=0)
     with pytest.raises(ValueError, match="code levels"):
         constrained_beam_search(model, history[:, :, :1], trie, beam_width=3)
+    with pytest.raises(ValueError, match="exclude_items_BX"):
+        constrained_beam_search(model, history, trie, beam_width=3, exclude_items_BX=torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="k="):
         exhaustive_top_k(model, history, codes, k=0)
