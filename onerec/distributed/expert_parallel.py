@@ -207,7 +207,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> Optional[ExpertPara
     first = ep_rank * e_local
     for layer in layers:
         experts = layer.experts
-        for attr in ("w1_EDF", "w2_EFD"):
+        for attr in ("w1_EFD", "w2_EDF"):
             full = getattr(experts, attr)
             local = nn.Parameter(full.detach()[first : first + e_local].clone(), requires_grad=full.requires_grad)
             # What deepspeed.moe sets on its experts: skip the data-parallel all-reduce and

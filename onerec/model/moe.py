@@ -86,31 +86,38 @@ class LocalDispatcher:
 
 
 class Experts(nn.Module):
-    """E GELU FFNs as stacked weights; expert e runs on rows [offset_e, offset_e + count_e)."""
+    """E GELU FFNs as stacked weights; expert e runs on rows [offset_e, offset_e + count_e).
+
+    Weights are stored as nn.Linear stores them, [out, in] per expert (w1_EFD: D -> F,
+    w2_EDF: F -> D), and used transposed: a grouped GEMM with that column-major right
+    operand is what torch._grouped_mm's CUTLASS kernel wants, and on CPU it measured ~20%
+    faster forward + backward than row-major [E, D, F] (T*K = 2048, D = 512, F = 2048, fp32).
+    """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, dropout: float) -> None:
         super().__init__()
-        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
-        self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w1_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w2_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.dropout = nn.Dropout(dropout)
         for e in range(num_experts):  # same init as an nn.Linear per expert
-            nn.init.kaiming_uniform_(self.w1_EDF.data[e].T, a=5**0.5)
-            nn.init.kaiming_uniform_(self.w2_EFD.data[e].T, a=5**0.5)
+            nn.init.kaiming_uniform_(self.w1_EFD.data[e], a=5**0.5)
+            nn.init.kaiming_uniform_(self.w2_EDF.data[e], a=5**0.5)
 
     def forward(self, x_perm_TkD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        if grouped_mm_supported(x_perm_TkD, self.w1_EDF):
+        w1_EDF, w2_EFD = self.w1_EFD.transpose(1, 2), self.w2_EDF.transpose(1, 2)  # views, no copy
+        if grouped_mm_supported(x_perm_TkD, w1_EDF):
             # One grouped GEMM per projection over the contiguous expert slices: no host read
             # of the counts, and an expert with no rows still gets its (zero) gradient.
             offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-            hidden = self.dropout(F.gelu(_grouped_mm(x_perm_TkD, self.w1_EDF, offsets_E)))
-            return _grouped_mm(hidden, self.w2_EFD, offsets_E)
+            hidden = self.dropout(F.gelu(_grouped_mm(x_perm_TkD, w1_EDF, offsets_E)))
+            return _grouped_mm(hidden, w2_EFD, offsets_E)
         # Fallback: a loop over experts with one host read of the counts per layer.
         # An expert with no rows still runs (a free 0-row matmul) so that every expert weight
         # is in the autograd graph: under expert parallelism a rank whose experts got no tokens
         # must still produce (zero) gradients, or DeepSpeed's gradient reduction would wait on it.
-        # unbind once: indexing w[e] per expert would make backward write a full [E, D, F]
+        # unbind once: indexing w[e] per expert would make backward write a full [E, F, D]
         # zero-padded gradient for every expert (7x slower on CPU at E = 24).
-        w1_per_expert, w2_per_expert = self.w1_EDF.unbind(0), self.w2_EFD.unbind(0)
+        w1_per_expert, w2_per_expert = w1_EDF.unbind(0), w2_EFD.unbind(0)
         outputs = []
         for e, chunk in enumerate(torch.split(x_perm_TkD, tokens_per_expert_E.tolist())):
             hidden = self.dropout(F.gelu(chunk @ w1_per_expert[e]))

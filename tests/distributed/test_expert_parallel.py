@@ -119,7 +119,7 @@ def _worker(out_dir: Path) -> None:
                 "logits": logits,
                 "losses": torch.tensor(losses),
                 "state": state,
-                "local_experts": model.decoder_layers[0].ffn.experts.w1_EDF.shape[0],
+                "local_experts": model.decoder_layers[0].ffn.experts.w1_EFD.shape[0],
             }
     torch.save(results, out_dir / f"rank{rank}.pt")
     torch.distributed.barrier()

@@ -96,5 +96,5 @@ def test_an_expert_parallel_zero2_run_restarts_from_its_sharded_checkpoint(new_r
     from safetensors.torch import load_file
 
     exported = load_file(out / "pretrain" / "export" / "model.safetensors")
-    expert_weights = [v for k, v in exported.items() if k.endswith("w1_EDF")]
+    expert_weights = [v for k, v in exported.items() if k.endswith("w1_EFD")]
     assert expert_weights and all(w.shape[0] == 4 for w in expert_weights)

@@ -14,7 +14,7 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop_forward_and_backward(mon
     experts = Experts(num_experts=4, d_model=8, d_ff=16, dropout=0.0)
     counts_E = torch.tensor([5, 0, 3, 6])
     x = torch.randn(14, 8)
-    assert moe_module.grouped_mm_supported(x, experts.w1_EDF)
+    assert moe_module.grouped_mm_supported(x, experts.w1_EFD.transpose(1, 2))
     results = []
     for grouped in (True, False):
         monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda *_: grouped)
@@ -22,7 +22,7 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop_forward_and_backward(mon
         x_in = x.clone().requires_grad_()
         y = experts(x_in, counts_E)
         y.sum().backward()  # a broadcast gradient, which the grouped CPU backward must accept
-        results.append((y.detach(), x_in.grad, experts.w1_EDF.grad.clone(), experts.w2_EFD.grad.clone()))
+        results.append((y.detach(), x_in.grad, experts.w1_EFD.grad.clone(), experts.w2_EDF.grad.clone()))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert results[0][2][1].abs().sum() == 0  # the empty expert: present, zero gradient
@@ -41,8 +41,8 @@ def test_all_experts_identical_and_top_k_e_equals_dense_ffn(num_experts):
     dense = FeedForward(8, 16, 0.0)
     moe = MoEFeedForward(8, 16, num_experts=num_experts, top_k=num_experts, dropout=0.0)
     with torch.no_grad():
-        moe.experts.w1_EDF.copy_(dense.w1.weight.T.expand(num_experts, -1, -1))
-        moe.experts.w2_EFD.copy_(dense.w2.weight.T.expand(num_experts, -1, -1))
+        moe.experts.w1_EFD.copy_(dense.w1.weight.expand(num_experts, -1, -1))
+        moe.experts.w2_EDF.copy_(dense.w2.weight.expand(num_experts, -1, -1))
     x = torch.randn(5, 7, 8)
     y, aux = moe(x)
     assert y.shape == x.shape
@@ -58,7 +58,7 @@ def test_top1_output_is_the_chosen_experts_ffn():
     chosen = moe.router.gate(x).argmax(-1)
     for t in range(9):
         e = chosen[t]
-        expected = torch.nn.functional.gelu(x[t] @ moe.experts.w1_EDF[e]) @ moe.experts.w2_EFD[e]
+        expected = torch.nn.functional.gelu(x[t] @ moe.experts.w1_EFD[e].T) @ moe.experts.w2_EDF[e].T
         torch.testing.assert_close(y[t], expected, atol=1e-5, rtol=1e-5)  # renormalised top-1 weight is 1
 
 
@@ -69,8 +69,8 @@ def test_gradients_reach_router_and_every_used_expert():
     (y.pow(2).sum() + aux["aux_loss"] + aux["z_loss"]).backward()
     assert moe.router.gate.weight.grad.abs().sum() > 0
     used = aux["load_E"] > 0
-    assert (moe.experts.w1_EDF.grad.flatten(1).abs().sum(-1) > 0).eq(used).all()
-    assert (moe.experts.w2_EFD.grad.flatten(1).abs().sum(-1) > 0).eq(used).all()
+    assert (moe.experts.w1_EFD.grad.flatten(1).abs().sum(-1) > 0).eq(used).all()
+    assert (moe.experts.w2_EDF.grad.flatten(1).abs().sum(-1) > 0).eq(used).all()
     assert aux["load_E"].sum().item() == pytest.approx(1.0)
     assert not aux["load_E"].requires_grad
 
@@ -122,8 +122,8 @@ def test_experts_run_each_expert_on_its_own_slice():
     counts = torch.tensor([2, 0, 3])  # an idle expert in the middle
     y = experts(x_perm, counts)
     gelu = torch.nn.functional.gelu
-    torch.testing.assert_close(y[:2], gelu(x_perm[:2] @ experts.w1_EDF[0]) @ experts.w2_EFD[0])
-    torch.testing.assert_close(y[2:], gelu(x_perm[2:] @ experts.w1_EDF[2]) @ experts.w2_EFD[2])
+    torch.testing.assert_close(y[:2], gelu(x_perm[:2] @ experts.w1_EFD[0].T) @ experts.w2_EDF[0].T)
+    torch.testing.assert_close(y[2:], gelu(x_perm[2:] @ experts.w1_EFD[2].T) @ experts.w2_EDF[2].T)
 
 
 class RecordingDispatcher(LocalDispatcher):
