@@ -33,12 +33,20 @@ def history_to_indices(exported: ExportedModel, raw_history: list[str]) -> list[
 
 
 def recommend(
-    exported: ExportedModel, raw_history: list[str], top_k: int, beam_width: int, user: int | None = None
+    exported: ExportedModel,
+    raw_history: list[str],
+    top_k: int,
+    beam_width: int,
+    user: int | None = None,
+    exclude_history: bool | None = None,
 ) -> list[Recommendation]:
+    """exclude_history (default: the export's eval.exclude_history) leaves out every item of
+    the given history, not only the most recent max_history the model reads."""
     if beam_width < top_k:
         raise ValueError(f"beam width {beam_width} must be >= top-k {top_k}")
     max_history = exported.cfg.data.max_history
-    indices = history_to_indices(exported, raw_history)[-max_history:]
+    all_indices = history_to_indices(exported, raw_history)
+    indices = all_indices[-max_history:]
     model_device = next(exported.model.parameters()).device
     history_1S = torch.full((1, max_history), -1, dtype=torch.long)
     if indices:
@@ -48,8 +56,17 @@ def recommend(
     user_B = None
     if exported.cfg.model.user_buckets > 0:
         user_B = torch.tensor([user if user is not None else 0], device=model_device)
+    if exclude_history is None:
+        exclude_history = exported.cfg.eval.exclude_history
+    excluded = torch.tensor([all_indices], device=model_device) if exclude_history and all_indices else None
     output = constrained_beam_search(
-        exported.model, history_codes, exported.trie, beam_width, user_B=user_B, history_items_BS=history_1S.to(model_device)
+        exported.model,
+        history_codes,
+        exported.trie,
+        beam_width,
+        user_B=user_B,
+        history_items_BS=history_1S.to(model_device),
+        exclude_items_BX=excluded,
     )
     results = []
     for rank, (item, score) in enumerate(zip(output.items_BW[0].tolist(), output.scores_BW[0].tolist())):

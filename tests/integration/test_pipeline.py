@@ -101,6 +101,18 @@ def test_recommend_prints_real_items_with_titles(pipeline_run, capsys):
     assert all("Item number" in line for line in lines[1:])
 
 
+def test_recommend_can_leave_out_the_history(pipeline_run):
+    from onerec.export import load_export
+    from onerec.inference.recommend import recommend
+
+    exported = load_export(pipeline_run / "pretrain/export")
+    n = len(exported.raw_ids)
+    plain = recommend(exported, ["i3"], top_k=n, beam_width=n, exclude_history=False)
+    history = [r.raw_id for r in plain[:3]]  # the model's own favourites after i3, as history
+    kept = recommend(exported, ["i3", *history], top_k=5, beam_width=10, exclude_history=True)
+    assert len(kept) == 5 and not {r.raw_id for r in kept} & {"i3", *history}
+
+
 def test_recommend_rejects_unknown_items(pipeline_run, capsys):
     assert cli_main(["recommend", "--model", str(pipeline_run / "pretrain/export"), "--history", "i3 nope"]) == 2
 
