@@ -105,12 +105,13 @@ class Experts(nn.Module):
 
     def forward(self, x_perm_TkD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         w1_EDF, w2_EFD = self.w1_EFD.transpose(1, 2), self.w2_EDF.transpose(1, 2)  # views, no copy
-        if grouped_mm_supported(x_perm_TkD, w1_EDF):
+        x_in, w1_in, w2_in = _autocast_operands(x_perm_TkD, w1_EDF, w2_EFD)
+        if grouped_mm_supported(x_in, w1_in):
             # One grouped GEMM per projection over the contiguous expert slices: no host read
             # of the counts, and an expert with no rows still gets its (zero) gradient.
             offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-            hidden = self.dropout(F.gelu(_grouped_mm(x_perm_TkD, w1_EDF, offsets_E)))
-            return _grouped_mm(hidden, w2_EFD, offsets_E)
+            hidden = self.dropout(F.gelu(_grouped_mm(x_in, w1_in, offsets_E)))
+            return _grouped_mm(hidden, w2_in, offsets_E)
         # Fallback: a loop over experts with one host read of the counts per layer.
         # An expert with no rows still runs (a free 0-row matmul) so that every expert weight
         # is in the autograd graph: under expert parallelism a rank whose experts got no tokens
@@ -123,6 +124,16 @@ class Experts(nn.Module):
             hidden = self.dropout(F.gelu(chunk @ w1_per_expert[e]))
             outputs.append(hidden @ w2_per_expert[e])
         return torch.cat(outputs, dim=0)
+
+
+def _autocast_operands(x_TkD: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the operands in the autocast dtype, as autocast would cast a matmul's
+    (the grouped GEMM is not on autocast's list); otherwise unchanged."""
+    device_type = x_TkD.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return (x_TkD, *weights)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in (x_TkD, *weights))
 
 
 def grouped_mm_supported(x_TkD: torch.Tensor, w_EDF: torch.Tensor) -> bool:

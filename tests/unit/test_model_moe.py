@@ -28,6 +28,21 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop_forward_and_backward(mon
     assert results[0][2][1].abs().sum() == 0  # the empty expert: present, zero gradient
 
 
+def test_grouped_gemm_runs_under_bf16_autocast_and_matches_the_fp32_loop(monkeypatch):
+    torch.manual_seed(5)
+    experts = Experts(num_experts=3, d_model=16, d_ff=32, dropout=0.0)
+    counts_E = torch.tensor([4, 7, 0])
+    x = torch.randn(11, 16)
+    calls = []
+    real = moe_module._grouped_mm
+    monkeypatch.setattr(moe_module, "_grouped_mm", lambda *a: calls.append(a[0].dtype) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, counts_E)
+    assert calls == [torch.bfloat16, torch.bfloat16] and y.dtype == torch.bfloat16
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda *_: False)
+    torch.testing.assert_close(y.float(), experts(x, counts_E), atol=0.05, rtol=0.05)
+
+
 def test_grouped_gemm_is_used_only_where_torch_supports_it():
     w = torch.zeros(2, 8, 16)
     assert moe_module.grouped_mm_supported(torch.zeros(3, 8), w)
