@@ -63,18 +63,36 @@ def _check_inputs(
 def top_by_score_then_index(scores_BX: torch.Tensor, k: int) -> torch.Tensor:
     """Column indices of the k best entries of each row: higher score first, then lower index.
 
-    What a stable descending sort's first k columns are, without sorting all X: torch.topk
-    promises no tie order, so each fp32 score and its index are packed into one unique int64
-    key (order-preserving int32 image of the score | 2^31 - 1 - index) and topk runs on the
-    keys. The Triton kernel builds the same keys. -0.0 is made +0.0 first (equal as floats).
+    What a stable descending sort's first k columns are, without sorting all X. On CPU, where
+    a host read costs nothing, a plain float top-k runs first; when its k-th value has no
+    equal outside the k it kept (the usual case with real scores), that set is the answer and
+    only those k entries need the exact order. Otherwise, and always on GPU, every entry gets
+    an exact key (`_top_by_keys`).
     """
+    X = scores_BX.shape[1]
+    if scores_BX.device.type == "cpu" and 0 < k < X and scores_BX.shape[0] > 0:
+        values_Bk, columns_Bk = torch.topk(scores_BX, k, dim=1, largest=True, sorted=False)
+        kth_B1 = values_Bk.min(dim=1, keepdim=True).values
+        if bool((torch.count_nonzero(scores_BX >= kth_B1, dim=1) == k).all()):
+            # The k-best set is unique; order it by score, ties by column (sorting the
+            # columns first makes "lower position" mean "lower column").
+            columns_Bk, by_column = columns_Bk.sort(dim=1)
+            return columns_Bk.gather(1, _top_by_keys(values_Bk.gather(1, by_column), k))
+    return _top_by_keys(scores_BX, k)
+
+
+def _top_by_keys(scores_BX: torch.Tensor, k: int) -> torch.Tensor:
+    """top_by_score_then_index for any input: each fp32 score and its index are packed into
+    one unique int64 key (order-preserving int32 image of the score | 2^31 - 1 - index) and
+    topk runs on the keys, as torch.topk promises no tie order. The Triton kernel builds the
+    same keys. -0.0 is made +0.0 first (equal as floats)."""
     X = scores_BX.shape[1]
     if X >= _INDEX_LIMIT:
         raise ValueError(f"{X} candidates per request: at most {_INDEX_LIMIT - 1}")
-    bits_BX = (scores_BX.float() + 0.0).view(torch.int32).to(torch.int64)
-    ordered_BX = bits_BX ^ ((bits_BX >> 31) & 0x7FFFFFFF)  # signed order == float order
-    index_X = torch.arange(X, device=scores_BX.device)
-    keys_BX = (ordered_BX << 32) | (_INDEX_LIMIT - 1 - index_X)
+    keys_BX = (scores_BX.float() + 0.0).view(torch.int32).to(torch.int64)
+    keys_BX ^= (keys_BX >> 31) & 0x7FFFFFFF  # signed order == float order (in place: X can be large)
+    keys_BX <<= 32
+    keys_BX |= _INDEX_LIMIT - 1 - torch.arange(X, device=scores_BX.device)
     top_keys_Bk = torch.topk(keys_BX, k, dim=1, largest=True, sorted=True).values
     return _INDEX_LIMIT - 1 - (top_keys_Bk & 0xFFFFFFFF)
 

@@ -208,3 +208,19 @@ def test_one_row_per_request_equals_w_rows_with_dead_copies(W):
     assert live.sum() == B * min(W, 2)
     assert torch.equal(parents[live] * W, w_rows[1][live])
     assert torch.equal(parents, torch.arange(B).repeat_interleave(W))  # dead ones: the request's row too
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cpu_fast_top_k_equals_the_exact_key_order_with_and_without_ties(seed):
+    """top_by_score_then_index's float top-k shortcut against the all-keys path: distinct scores,
+    heavy ties (values from a small set, -0.0 beside +0.0), and rows that are mostly -inf."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.randn(4, 300, generator=g),
+        torch.randint(-3, 3, (4, 300), generator=g).float() * 0.5,
+        torch.randn(4, 300, generator=g).masked_fill(torch.rand(4, 300, generator=g) < 0.97, NEG_INF),
+        torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0, -1.0]]),
+    ]
+    for scores in rows:
+        for k in (1, 3, min(50, scores.shape[1] - 1)):
+            assert torch.equal(reference.top_by_score_then_index(scores, k), reference._top_by_keys(scores, k))

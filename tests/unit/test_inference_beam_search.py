@@ -241,7 +241,8 @@ def test_exhaustive_scores_are_teacher_forced_log_probs():
                     mem_b = EncoderMemory(memory.states_BSD[b : b + 1], memory.pad_BS[b : b + 1])
                     log_p = torch.log_softmax(model.decode_step(mem_b, prefix)[0], dim=0)
                     total += float(log_p[codes[item, level]])
-                assert total == pytest.approx(score, rel=2e-6, abs=1e-5)  # float32 sums of 3 log-probs
+                # float32 sums of 3 log-probs; forward and decode_step batch the expert GEMMs differently
+                assert total == pytest.approx(score, rel=1e-5, abs=5e-5)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
 
 
