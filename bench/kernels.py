@@ -20,7 +20,7 @@ markdown tables.
                 prefix (a dict lookup), a -inf mask row is built per beam, then log-softmax +
                 mask + beam score and a top-2W over W x C per request (HF keeps 2W for EOS).
 (b) MoE FFN forward + backward: T tokens, E = 24 experts, top-2, D = 512, F = 2048.
-      ours      onerec.model.moe.MoEFeedForward (router + routing kernels + expert loop)
+      ours      onerec.model.moe.MoEFeedForward (router + routing kernels + grouped expert GEMM)
       deepspeed deepspeed.moe.layer.MoE: TopKGate, einsum dispatch/combine with capacity
                 factor 1.0 (its default), the same expert FFN shape (no bias, GELU)
       megatron  megatron-core's unfused topk_routing_with_score_function / permute / unpermute
@@ -445,8 +445,9 @@ def main(argv=None) -> dict:
         notes=[
             "Decoding: the same precomputed logits for every method (the model is not timed); "
             "'same beams' = share of requests whose W ranked beams are identical between ours and hf-style.",
-            "MoE: ours and megatron run the same experts module (a loop over experts with one host read "
-            "of the counts); deepspeed runs its own E expert copies on capacity-padded slots.",
+            "MoE: ours and megatron run the same experts module (one torch._grouped_mm per projection "
+            "where torch supports it, else a loop over experts); deepspeed runs its own E expert copies "
+            "on capacity-padded slots.",
             "TFLOP/s counts the useful FLOPs of T*K routed copies (fwd + bwd = 3x fwd) for every implementation.",
         ],
     )
