@@ -87,7 +87,9 @@ def constrained_beam_search(
         logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
         local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
         if excluded_rows is not None and depth == L - 1:
-            logits_NC = _mask_excluded_leaves(logits_NC, local_states_N, child_tokens, child_nodes, trie, excluded_rows)
+            logits_NC, scores_N = _mask_excluded_leaves(
+                logits_NC, scores_N, local_states_N, child_tokens, child_nodes, trie, excluded_rows
+            )
         tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
             logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W, rows_per_request=rows_per_request
         )
@@ -111,16 +113,21 @@ def constrained_beam_search(
 
 def _mask_excluded_leaves(
     logits_NC: torch.Tensor,
+    scores_N: torch.Tensor,
     local_states_N: torch.Tensor,
     child_tokens: torch.Tensor,
     child_nodes: torch.Tensor,
     trie: Trie,
     excluded_NX: torch.Tensor,
-) -> torch.Tensor:
-    """-inf at the last-level codes whose leaf is one of the beam's excluded items.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, beam scores) with -inf at the last-level codes whose leaf is one of the beam's
+    excluded items.
 
     The step's log-softmax then renormalises over the codes left, i.e. it scores an item
-    given that it is not an excluded one. A beam whose children are all excluded dies.
+    given that it is not an excluded one. A row left with no finite logit at all (every code
+    of the level excluded) would make that log-softmax NaN, and whether a NaN candidate sorts
+    first or last depends on its sign bit, which differs between CPU and GPU arithmetic: such
+    a beam is made dead instead (score -inf, finite logits).
     """
     rows_N = local_states_N.clamp(min=0)
     nodes_NK = child_nodes[rows_N]  # [N, Bd], -1 padding
@@ -130,7 +137,10 @@ def _mask_excluded_leaves(
     # overwrite a real hit on code 0.
     mask_NC = torch.zeros(logits_NC.shape, dtype=torch.int8, device=logits_NC.device)
     mask_NC.scatter_reduce_(1, child_tokens[rows_N].clamp(min=0), hit_NK.to(torch.int8), reduce="amax")
-    return logits_NC.masked_fill(mask_NC.bool(), float("-inf"))
+    logits_NC = logits_NC.masked_fill(mask_NC.bool(), float("-inf"))
+    emptied_N = torch.isneginf(logits_NC).all(dim=1)
+    logits_NC = logits_NC.masked_fill(emptied_N.unsqueeze(1), 0.0)
+    return logits_NC, scores_N.masked_fill(emptied_N, float("-inf"))
 
 
 @dataclass

@@ -201,6 +201,42 @@ def test_excluded_items_never_come_out_and_every_other_item_still_does(kind):
     torch.testing.assert_close(out.scores_BW[1], plain.scores_BW[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_prefix_whose_every_leaf_is_excluded_dies_without_nan(backend, monkeypatch):
+    """Level 2 has 2 codes and prefix (0,) uses both: excluding both leaves leaves its row with
+    no finite logit (a NaN log-softmax in the Triton kernel), which must kill the beam."""
+    import functools
+
+    import onerec.inference.beam_search as beam_search_module
+    from onerec.kernels.constrained_beam import constrained_beam_step
+
+    step = functools.partial(constrained_beam_step, backend=backend)
+    monkeypatch.setattr(beam_search_module, "constrained_beam_step", step)
+    sizes = [2, 2]
+    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+    trie = build_trie(codes, sizes)
+    model = make_model("fake", sizes, 2)
+    history = random_histories(codes, 2, 2)
+    out = constrained_beam_search(model, history, trie, beam_width=4, exclude_items_BX=torch.tensor([[0, 1], [0, 1]]))
+    assert not torch.isnan(out.scores_BW).any()
+    for row in out.items_BW.tolist():
+        assert sorted(i for i in row if i >= 0) == [2, 3] and row[2:] == [-1, -1]
+
+
+def test_masking_every_code_of_a_row_kills_its_beam_instead_of_leaving_no_finite_logit():
+    from onerec.inference.beam_search import _mask_excluded_leaves
+
+    sizes = [2, 2]
+    trie = build_trie(torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]), sizes)
+    local_states, child_tokens, child_nodes = trie.step_tables(1, torch.tensor([1, 2]))  # prefixes (0,), (1,)
+    logits, scores = _mask_excluded_leaves(
+        torch.randn(2, 2), torch.tensor([-0.5, -0.7]), local_states, child_tokens, child_nodes, trie,
+        torch.tensor([[0, 1], [0, 1]]),
+    )
+    assert torch.isfinite(logits[0]).all() and scores[0] == float("-inf")  # both leaves of (0,) excluded
+    assert scores[1] == -0.7 and torch.isfinite(logits[1]).all()
+
+
 @pytest.mark.parametrize("kind", ["fake", "moe"])
 def test_exclusion_renormalises_only_among_the_siblings_of_excluded_items(kind):
     """An item whose last-level siblings are all allowed keeps its exact score; a sibling of
