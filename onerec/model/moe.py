@@ -103,6 +103,14 @@ class Experts(nn.Module):
             nn.init.kaiming_uniform_(self.w1_EFD.data[e], a=5**0.5)
             nn.init.kaiming_uniform_(self.w2_EDF.data[e], a=5**0.5)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Exports and checkpoints written before the nn.Linear layout hold w1_EDF / w2_EFD
+        # ([E, in, out]): load them transposed. (Their optimizer moments are not converted.)
+        for legacy, current in (("w1_EDF", "w1_EFD"), ("w2_EFD", "w2_EDF")):
+            if prefix + legacy in state_dict and prefix + current not in state_dict:
+                state_dict[prefix + current] = state_dict.pop(prefix + legacy).transpose(1, 2).contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x_perm_TkD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         w1_EDF, w2_EFD = self.w1_EFD.transpose(1, 2), self.w2_EDF.transpose(1, 2)  # views, no copy
         x_in, w1_in, w2_in = _autocast_operands(x_perm_TkD, w1_EDF, w2_EFD)

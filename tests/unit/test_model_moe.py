@@ -43,6 +43,18 @@ def test_grouped_gemm_runs_under_bf16_autocast_and_matches_the_fp32_loop(monkeyp
     torch.testing.assert_close(y.float(), experts(x, counts_E), atol=0.05, rtol=0.05)
 
 
+def test_weights_saved_in_the_old_in_out_layout_still_load():
+    torch.manual_seed(6)
+    trained = MoEFeedForward(8, 16, num_experts=3, top_k=2, dropout=0.0)
+    legacy = {k: v for k, v in trained.state_dict().items() if "experts" not in k}
+    legacy["experts.w1_EDF"] = trained.experts.w1_EFD.detach().transpose(1, 2).clone()
+    legacy["experts.w2_EFD"] = trained.experts.w2_EDF.detach().transpose(1, 2).clone()
+    fresh = MoEFeedForward(8, 16, num_experts=3, top_k=2, dropout=0.0)
+    fresh.load_state_dict(legacy, strict=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fresh(x)[0], trained(x)[0], rtol=0, atol=0)
+
+
 def test_grouped_gemm_is_used_only_where_torch_supports_it():
     w = torch.zeros(2, 8, 16)
     assert moe_module.grouped_mm_supported(torch.zeros(3, 8), w)
