@@ -73,6 +73,7 @@ def main(cfg: RootConfig) -> dict:
         return evaluate_alignment(
             policy, scorer, eval_prompts, eval_targets, codes_NL, exported.trie, acfg.num_samples,
             cfg.data.session_len, cfg.eval.beam_width, list(cfg.eval.ks), cfg.eval.batch_size, device,
+            exclude_history=cfg.eval.exclude_history,
         )
 
     run_logger = RunLogger(cfg.logging, paths.root, "dpo", to_dict(cfg))

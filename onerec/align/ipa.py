@@ -206,10 +206,12 @@ def evaluate_alignment(
     ks: list[int],
     batch_size: int,
     device: torch.device,
+    exclude_history: bool = False,
 ) -> dict:
     """OneRec Table 1 on held-out users: reward of the N generated sessions (mean and max over
     beams, averaged over users), per signal, and Recall/NDCG@K of the first generated items
-    (the item-level beam search the evaluate stage uses) against the held-out next item."""
+    (the item-level beam search the evaluate stage uses, with the same exclude_history rule)
+    against the held-out next item."""
     codes_NL = codes_NL.to(device)
     trie = trie.to(device)
     sessions_BNM, _ = _generate(model, prompts, codes_NL, trie, num_samples, session_len, batch_size, device)
@@ -231,7 +233,8 @@ def evaluate_alignment(
             history_BS = history_all[rows]
             user_B = _users(model, torch.as_tensor(prompts.user[rows], device=device))
             top = constrained_beam_search(
-                model, lookup_codes(history_BS, codes_NL), trie, beam_width, user_B, history_BS
+                model, lookup_codes(history_BS, codes_NL), trie, beam_width, user_B, history_BS,
+                exclude_items_BX=history_BS if exclude_history else None,
             )
             accumulator.update(top.items_BW[:, : max(ks)].cpu(), torch.as_tensor(targets_B[rows]))
     finally:

@@ -81,3 +81,16 @@ def test_one_ipa_round_raises_the_reward_of_generations():
     assert stats.preference_accuracy > 0.5
     assert after["reward_mean"] > before["reward_mean"] + 0.05, (before, after)
     assert set(after["per_signal"]) == {"good"} and "recall@10" in after
+
+
+def test_held_out_recall_follows_the_exclude_history_rule():
+    """Targets taken from the history: found when history items may be recommended, never
+    when evaluate_alignment leaves them out as the evaluate stage does."""
+    model = tiny_model(session_len=2, seed=2)
+    trie = build_trie(CODES, SIZES)
+    history = torch.randint(0, NUM_ITEMS, (32, 4), generator=torch.Generator().manual_seed(3)).numpy()
+    prompts = Prompts(np.arange(32), history, history[:, -2:])
+    common = dict(num_samples=4, session_len=2, beam_width=10, ks=[5, 10], batch_size=16, device=torch.device("cpu"))
+    allowed = evaluate_alignment(model, PlantedReward(), prompts, history[:, -1], CODES, trie, **common)
+    excluded = evaluate_alignment(model, PlantedReward(), prompts, history[:, -1], CODES, trie, exclude_history=True, **common)
+    assert allowed["recall@10"] > 0 and excluded["recall@10"] == 0
