@@ -113,11 +113,14 @@ class Experts(nn.Module):
 
     def forward(self, x_perm_TkD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         w1_EDF, w2_EFD = self.w1_EFD.transpose(1, 2), self.w2_EDF.transpose(1, 2)  # views, no copy
-        x_in, w1_in, w2_in = _autocast_operands(x_perm_TkD, w1_EDF, w2_EFD)
-        if grouped_mm_supported(x_in, w1_in):
+        dtype = _matmul_dtype(x_perm_TkD, w1_EDF)
+        if grouped_mm_supported(x_perm_TkD.device, dtype, w1_EDF.shape):
             # One grouped GEMM per projection over the contiguous expert slices: no host read
-            # of the counts, and an expert with no rows still gets its (zero) gradient.
+            # of the counts, and an expert with no rows still gets its (zero) gradient. Under
+            # autocast the operands are cast as autocast would cast a matmul's (the grouped
+            # GEMM is not on its list); otherwise .to() is a no-op.
             offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+            x_in, w1_in, w2_in = (t.to(dtype) for t in (x_perm_TkD, w1_EDF, w2_EFD))
             hidden = self.dropout(F.gelu(_grouped_mm(x_in, w1_in, offsets_E)))
             return _grouped_mm(hidden, w2_in, offsets_E)
         # Fallback: a loop over experts with one host read of the counts per layer.
@@ -134,31 +137,27 @@ class Experts(nn.Module):
         return torch.cat(outputs, dim=0)
 
 
-def _autocast_operands(x_TkD: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Under autocast, the operands in the autocast dtype, as autocast would cast a matmul's
-    (the grouped GEMM is not on autocast's list); otherwise unchanged."""
+def _matmul_dtype(x_TkD: torch.Tensor, w_EDF: torch.Tensor) -> torch.dtype | None:
+    """The dtype a matmul of these operands runs in: the autocast dtype under autocast, their
+    common dtype otherwise, None when they differ (a plain matmul would refuse them too)."""
     device_type = x_TkD.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return (x_TkD, *weights)
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) for t in (x_TkD, *weights))
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x_TkD.dtype if x_TkD.dtype == w_EDF.dtype else None
 
 
-def grouped_mm_supported(x_TkD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs this expert matmul: fp32 or bf16 on CPU, bf16 on CUDA
-    (its CUTLASS kernel, Hopper and later); both want rows of whole 16-byte units."""
-    if not hasattr(torch, "_grouped_mm") or x_TkD.dtype != w_EDF.dtype:
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype | None, w_shape_EDF) -> bool:
+    """Whether torch._grouped_mm runs an expert matmul in `dtype` on `device`: fp32 or bf16 on
+    CPU, bf16 on CUDA (its CUTLASS kernel, Hopper and later); both want rows of whole 16-byte
+    units (D and F multiples of 16 bytes)."""
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16):
         return False
-    row_units = 16 // x_TkD.element_size()
-    if w_EDF.shape[1] % row_units or w_EDF.shape[2] % row_units:
+    row_units = 16 // dtype.itemsize
+    if w_shape_EDF[1] % row_units or w_shape_EDF[2] % row_units:
         return False
-    if x_TkD.device.type == "cpu":
-        return x_TkD.dtype in (torch.float32, torch.bfloat16)
-    return (
-        x_TkD.device.type == "cuda"
-        and x_TkD.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x_TkD.device)[0] >= 9
-    )
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _grouped_mm(x_TkD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

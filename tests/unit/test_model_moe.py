@@ -14,7 +14,7 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop_forward_and_backward(mon
     experts = Experts(num_experts=4, d_model=8, d_ff=16, dropout=0.0)
     counts_E = torch.tensor([5, 0, 3, 6])
     x = torch.randn(14, 8)
-    assert moe_module.grouped_mm_supported(x, experts.w1_EFD.transpose(1, 2))
+    assert moe_module.grouped_mm_supported(x.device, x.dtype, experts.w1_EFD.transpose(1, 2).shape)
     results = []
     for grouped in (True, False):
         monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda *_: grouped)
@@ -56,10 +56,18 @@ def test_weights_saved_in_the_old_in_out_layout_still_load():
 
 
 def test_grouped_gemm_is_used_only_where_torch_supports_it():
-    w = torch.zeros(2, 8, 16)
-    assert moe_module.grouped_mm_supported(torch.zeros(3, 8), w)
-    assert not moe_module.grouped_mm_supported(torch.zeros(3, 6), torch.zeros(2, 6, 12))  # rows not 16-byte units
-    assert not moe_module.grouped_mm_supported(torch.zeros(3, 8, dtype=torch.float64), w)  # mixed dtypes
+    cpu = torch.device("cpu")
+    assert moe_module.grouped_mm_supported(cpu, torch.float32, (2, 8, 16))
+    assert moe_module.grouped_mm_supported(cpu, torch.bfloat16, (2, 8, 16))
+    assert not moe_module.grouped_mm_supported(cpu, torch.float32, (2, 6, 12))  # rows not 16-byte units
+    assert not moe_module.grouped_mm_supported(cpu, torch.bfloat16, (2, 12, 16))  # 24 bytes a row
+    assert not moe_module.grouped_mm_supported(cpu, torch.float64, (2, 8, 16))
+    assert not moe_module.grouped_mm_supported(cpu, None, (2, 8, 16))  # operands of two dtypes
+    x, w = torch.zeros(3, 8), torch.zeros(2, 8, 16)
+    assert moe_module._matmul_dtype(x, w) == torch.float32
+    assert moe_module._matmul_dtype(x.double(), w) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe_module._matmul_dtype(x, w) == torch.bfloat16
 
 
 @pytest.mark.parametrize("num_experts", [1, 3])
