@@ -142,3 +142,18 @@ def test_quality_bench_tables_ours_sasrec_popularity_and_published_rows(pipeline
         assert len(saved["tokenizers"][method]["utilization"]) == 2
     table = (tmp_path / "results" / "quality_tiny.md").read_text()
     assert "| Paper |" in table and "| SASRec (ours, CE) |" in table and "| OneRec (ours) |" in table
+
+
+def test_validation_bench_scores_valid_only_and_matches_the_evaluate_stage(pipeline_run, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("validation", Path(__file__).parents[2] / "bench" / "validation.py")
+    validation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validation)
+    rows = validation.main(["--run", str(pipeline_run), "--exclude-history", "both"])
+    metrics = json.loads((pipeline_run / "metrics.json").read_text())
+    plain = next(r for r in rows if not r["exclude_history"])
+    assert {k: plain[k] for k in metrics["valid"]} == metrics["valid"]  # the same search, the same users
+    assert len(rows) == 2 and [r["exclude_history"] for r in rows] == [False, True]
+    assert "| history excluded |" in capsys.readouterr().out
