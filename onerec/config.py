@@ -118,6 +118,12 @@ class TokenizerConfig:
     codebook_size: int = 256
     kmeans_iters: int = 25
     dedup: bool = True
+    # Share of collaborative signal in the vectors that are quantised (0: content only): item
+    # vectors from co-occurrence in the training sequences (PPMI + SVD, collaborative_dim wide,
+    # pairs up to collaborative_window steps apart), blended with the content vectors.
+    collaborative_weight: float = 0.0
+    collaborative_dim: int = 64
+    collaborative_window: int = 3
     rq_vae: RQVAEConfig = field(default_factory=RQVAEConfig)
 
     def __post_init__(self) -> None:
@@ -125,6 +131,10 @@ class TokenizerConfig:
         _check_positive("tokenizer", "levels", self.levels)
         if self.codebook_size < 2:
             raise ConfigError(f"tokenizer.codebook_size={self.codebook_size}: expected >= 2")
+        if not 0.0 <= self.collaborative_weight <= 1.0:
+            raise ConfigError(f"tokenizer.collaborative_weight={self.collaborative_weight}: expected in [0, 1]")
+        _check_positive("tokenizer", "collaborative_dim", self.collaborative_dim)
+        _check_positive("tokenizer", "collaborative_window", self.collaborative_window)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Stage `tokenize`: item text (or, with tokenizer.encoder=features, the items' numeric
-feature vectors) -> embeddings -> quantiser -> dedup -> SemanticIds.
+feature vectors) -> embeddings (+ collaborative vectors from the training sequences, when
+tokenizer.collaborative_weight > 0) -> quantiser -> dedup -> SemanticIds.
 
 The quantiser is `tokenizer.method`: balanced residual k-means (OneRec) or an RQ-VAE (TIGER).
 
@@ -20,9 +21,12 @@ import numpy as np
 import torch
 
 from onerec.config import RootConfig, to_dict
+from onerec.data.splits import training_lengths
+from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
 from onerec.logging import RunLogger, codebook_scalars
 from onerec.paths import RunPaths
+from onerec.tokenizer.collaborative import blend, ppmi_svd_vectors
 from onerec.tokenizer.embed import embed_texts
 from onerec.tokenizer.rq_kmeans import residual_kmeans
 from onerec.tokenizer.rq_vae import train_rq_vae
@@ -61,6 +65,22 @@ def _read_item_texts(items_dir: Path) -> list[str]:
     return texts
 
 
+def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, paths: RunPaths) -> torch.Tensor:
+    """[N, D + C]: the content vectors with collaborative ones from the training sequences."""
+    tok = cfg.tokenizer
+    prepared = load_prepared(paths.data)
+    train_len = training_lengths(prepared.sequences, cfg.data)
+    collaborative_NC = ppmi_svd_vectors(
+        prepared.sequences, train_len, content_ND.shape[0], tok.collaborative_dim, tok.collaborative_window, cfg.run.seed
+    )
+    without = int((collaborative_NC.norm(dim=1) == 0).sum())
+    log.info(
+        "collaborative vectors: dim %d, window %d, weight %.2f (%d items never co-occur in training: content only)",
+        collaborative_NC.shape[1], tok.collaborative_window, tok.collaborative_weight, without,
+    )
+    return blend(content_ND, collaborative_NC, tok.collaborative_weight)
+
+
 def main(cfg: RootConfig) -> Path:
     paths = RunPaths.of(cfg.run.out_dir)
     tok = cfg.tokenizer
@@ -80,6 +100,8 @@ def main(cfg: RootConfig) -> Path:
     else:
         embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
     log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
+    if tok.collaborative_weight > 0:
+        embeddings_ND = _blend_collaborative(embeddings_ND, cfg, paths)
 
     if tok.method == "rq_vae":
         codes_NL, training = train_rq_vae(embeddings_ND, tok.levels, tok.codebook_size, tok.rq_vae, cfg.run.seed, device)
