@@ -51,9 +51,8 @@ def ppmi_svd_vectors(
     if len(first_P) == 0:
         raise ValueError("no two items co-occur in any user's training sequence: no collaborative signal to use")
     indices = torch.from_numpy(np.stack([first_P, second_P]).astype(np.int64))
-    counts = torch.sparse_coo_tensor(indices, torch.ones(len(first_P), dtype=torch.float64), (num_items, num_items), check_invariants=True
-    )
-    counts = counts.coalesce()
+    ones_P = torch.ones(len(first_P), dtype=torch.float64)
+    counts = torch.sparse_coo_tensor(indices, ones_P, (num_items, num_items), check_invariants=True).coalesce()
     (row, col), count = counts.indices(), counts.values()
     row_total_N = torch.zeros(num_items, dtype=torch.float64).index_add_(0, row, count)
     context_N = row_total_N.pow(CONTEXT_SMOOTHING)
@@ -66,9 +65,8 @@ def ppmi_svd_vectors(
     with torch.random.fork_rng(devices=[]):  # svd_lowrank draws its random projection from the global RNG
         torch.manual_seed(seed)
         u_NC, s_C, _ = torch.svd_lowrank(ppmi_NN, q=rank, niter=6)
-    vectors_NC = u_NC * s_C.sqrt()
-    norms_N = vectors_NC.norm(dim=1, keepdim=True)
-    vectors_NC = torch.where(norms_N > 0, vectors_NC / norms_N.clamp_min(1e-12), torch.zeros_like(vectors_NC))
+    # normalize divides by max(norm, eps): rows of items that never co-occur stay zero.
+    vectors_NC = torch.nn.functional.normalize(u_NC * s_C.sqrt(), dim=1)
     if rank < dim:
         vectors_NC = torch.cat([vectors_NC, vectors_NC.new_zeros(num_items, dim - rank)], dim=1)
     return vectors_NC
