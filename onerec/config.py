@@ -118,6 +118,10 @@ class TokenizerConfig:
     codebook_size: int = 256
     kmeans_iters: int = 25
     dedup: bool = True
+    # Order of the items sharing a tuple on the dedup level: "item" (item_index order) or
+    # "popularity" (most frequent in the training parts first, so dedup code 0 means the same
+    # thing in every group).
+    dedup_order: str = "item"
     # Share of collaborative signal in the vectors that are quantised (0: content only): item
     # vectors from co-occurrence in the training sequences (PPMI + SVD, collaborative_dim wide,
     # pairs up to collaborative_window steps apart), blended with the content vectors.
@@ -128,6 +132,7 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _check_choice("tokenizer", "method", self.method, ("rq_kmeans", "rq_vae"))
+        _check_choice("tokenizer", "dedup_order", self.dedup_order, ("item", "popularity"))
         _check_positive("tokenizer", "levels", self.levels)
         if self.codebook_size < 2:
             raise ConfigError(f"tokenizer.codebook_size={self.codebook_size}: expected >= 2")

@@ -92,8 +92,14 @@ class SemanticIds:
         return cls(codes, [int(s) for s in meta["codebook_sizes"]], int(meta["semantic_levels"]), meta.get("stats", {}))
 
 
-def add_dedup_level(codes_NL: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Append a level numbering the items that share a tuple (0, 1, ... in item order).
+def add_dedup_level(codes_NL: torch.Tensor, priority_N: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Append a level numbering the items that share a tuple: 0, 1, ... inside each group.
+
+    priority_N (e.g. training popularity) decides the order inside a group: the highest
+    priority gets 0, ties (and priority_N=None) in item order. Why it matters: the dedup code
+    carries no semantics, so in item order it is an arbitrary label the decoder must memorise
+    per group; by popularity, code 0 means "the most taken item of this tuple" everywhere,
+    which the decoder can learn once for all groups.
 
     Returns (codes_N(L+1) int64, dedup_size) where dedup_size = the largest group (>= 1),
     i.e. the codebook size the dedup level needs.
@@ -102,8 +108,13 @@ def add_dedup_level(codes_NL: torch.Tensor) -> tuple[torch.Tensor, int]:
     codes = codes_NL.cpu().numpy().astype(np.int64)
     _, group_N, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     group_N = group_N.reshape(-1)
-    # Stable sort by group keeps item order inside a group: rank in group = position - group start.
-    order = np.argsort(group_N, kind="stable")
+    if priority_N is None:
+        priority_N = np.zeros(len(codes))
+    priority_N = np.asarray(priority_N, dtype=np.float64)
+    if priority_N.shape != (len(codes),):
+        raise ValueError(f"priority_N must be [N]={len(codes)}, got shape {priority_N.shape}")
+    # Sort by (group, -priority, item index); rank in group = position - group start.
+    order = np.lexsort((np.arange(len(codes)), -priority_N, group_N))
     group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     dedup_N = np.empty(len(codes), dtype=np.int64)
     dedup_N[order] = np.arange(len(codes)) - group_start[group_N[order]]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from onerec.config import RootConfig, to_dict
-from onerec.data.splits import training_lengths
+from onerec.data.splits import training_item_counts, training_lengths
 from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
 from onerec.logging import RunLogger, codebook_scalars
@@ -125,9 +125,13 @@ def main(cfg: RootConfig) -> Path:
         stats["collision_rate_before_dedup"], stats["unique_tuples"], len(texts), stats["max_items_per_tuple"],
     )
     if tok.dedup:
-        codes_NL, dedup_size = add_dedup_level(codes_NL)
+        priority_N = None
+        if tok.dedup_order == "popularity":
+            # Training parts only: neither held-out target may shape the codes.
+            priority_N = training_item_counts(load_prepared(paths.data).sequences, cfg.data, len(texts))
+        codes_NL, dedup_size = add_dedup_level(codes_NL, priority_N)
         sizes = sizes + [dedup_size]
-        log.info("dedup level: %d codes", dedup_size)
+        log.info("dedup level: %d codes, in %s order", dedup_size, tok.dedup_order)
     elif stats["collision_rate_before_dedup"] > 0:
         raise ValueError(
             f"{stats['collision_rate_before_dedup']:.2%} of items share a code tuple with another item, so the "

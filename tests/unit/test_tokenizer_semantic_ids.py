@@ -20,6 +20,20 @@ def test_dedup_numbers_items_sharing_a_tuple_in_item_order():
     assert deduped[:, 2].tolist() == [0, 1, 0, 2, 1, 0]
 
 
+def test_dedup_by_priority_gives_code_zero_to_the_top_item_of_each_group_ties_in_item_order():
+    codes = torch.tensor([[0, 1], [0, 1], [2, 3], [0, 1], [2, 3], [1, 1]])
+    priority = [5, 9, 1, 5, 1, 0]  # group (0, 1): item 1 first, then items 0 and 3 tied
+    deduped, size = add_dedup_level(codes, priority)
+    assert size == 3
+    assert torch.equal(deduped[:, :2], codes)
+    assert deduped[:, 2].tolist() == [1, 0, 0, 2, 1, 0]
+
+
+def test_dedup_priority_of_the_wrong_length_is_an_error():
+    with pytest.raises(ValueError, match=r"priority_N must be \[N\]=3"):
+        add_dedup_level(torch.tensor([[0], [0], [1]]), [1, 2])
+
+
 def test_dedup_of_already_unique_tuples_is_a_zero_column_of_size_one():
     codes = torch.tensor([[0, 1], [1, 0], [1, 1]])
     deduped, size = add_dedup_level(codes)

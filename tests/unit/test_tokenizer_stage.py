@@ -3,10 +3,14 @@
 import logging
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
-from onerec.config import load_config
+from onerec.config import ConfigError, load_config
+from onerec.data.splits import training_item_counts
+from onerec.data.stage import load_prepared
+from onerec.data.stage import main as data_main
 from onerec.tokenizer import embed as embed_module
 from onerec.tokenizer.semantic_ids import SemanticIds
 from onerec.tokenizer.stage import main
@@ -95,3 +99,33 @@ def test_a_catalogue_smaller_than_the_codebook_is_a_clear_error(tmp_path):
 def test_missing_data_stage_output_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="onerec data"):
         main(_config(tmp_path))
+
+
+def test_dedup_in_popularity_order_follows_the_training_counts(tmp_path):
+    # Item k is taken by min(k + 1, 10) users (counts differ, some tie); each user's last two
+    # items are the held-out targets, which must not count.
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = ["user,item,ts"]
+    for user in range(10):
+        items = [k for k in range(12) if k >= user] + [12, 13]
+        rows += [f"u{user},i{item},{t}" for t, item in enumerate(items)]
+    (raw / "log.csv").write_text("\n".join(rows) + "\n")
+    overrides = [
+        "data.format=csv", f"data.root={raw}", "data.interactions_file=log.csv", "data.user_column=user",
+        "data.item_column=item", "data.time_column=ts", "tokenizer.levels=1", "tokenizer.codebook_size=2",
+    ]
+    cfg = _config(tmp_path, *overrides, "tokenizer.dedup_order=popularity")
+    data_main(cfg)
+    sid = SemanticIds.load(main(cfg))
+    counts = training_item_counts(load_prepared(tmp_path / "data").sequences, cfg.data, sid.num_items)
+    assert counts[:12].min() < counts[:12].max()
+    for group in np.unique(sid.codes[:, 0].numpy()):
+        members = np.flatnonzero(sid.codes[:, 0].numpy() == group)
+        ranked = sorted(members, key=lambda i: (-counts[i], i))
+        assert sid.codes[ranked, 1].tolist() == list(range(len(members)))
+
+
+def test_unknown_dedup_order_is_a_config_error():
+    with pytest.raises(ConfigError, match="dedup_order"):
+        load_config(None, ["tokenizer.dedup_order=random"])
