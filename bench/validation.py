@@ -33,6 +33,15 @@ from quality import device_name  # noqa: E402  (same folder, same device naming)
 EXCLUDE = {"on": [True], "off": [False], "both": [False, True]}
 
 
+def load_validation(run: str, max_users: int, device: str):
+    """(exported model, validation Examples, the scored rows): a run's export and its seeded
+    validation subset (max_users=0: every validation user), the one the pretrain stage uses."""
+    paths = RunPaths.of(run)
+    exported = load_export(paths.require(paths.export, "pretrain"), device)
+    valid = make_splits(load_prepared(paths.require(paths.data, "data")).sequences, exported.cfg.data)["valid"]
+    return exported, valid, validation_subset(len(valid), max_users, exported.cfg.run.seed)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--run", required=True, help="run.out_dir of a finished pretrain (its pretrain/export)")
@@ -42,11 +51,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    paths = RunPaths.of(args.run)
-    exported = load_export(paths.require(paths.export, "pretrain"), args.device)
+    exported, valid, rows = load_validation(args.run, args.max_users, args.device)
     cfg = exported.cfg
-    valid = make_splits(load_prepared(paths.require(paths.data, "data")).sequences, cfg.data)["valid"]
-    rows = validation_subset(len(valid), args.max_users, cfg.run.seed)
     widths = [int(w) for w in args.beam_widths.split(",")] if args.beam_widths else [cfg.eval.beam_width]
     users = valid.user[rows] if cfg.model.user_buckets > 0 else None
 

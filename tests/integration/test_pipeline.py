@@ -157,3 +157,34 @@ def test_validation_bench_scores_valid_only_and_matches_the_evaluate_stage(pipel
     assert {k: plain[k] for k in metrics["valid"]} == metrics["valid"]  # the same search, the same users
     assert len(rows) == 2 and [r["exclude_history"] for r in rows] == [False, True]
     assert "| history excluded |" in capsys.readouterr().out
+
+
+def _load_bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefix_hits_count_users_by_the_depth_of_their_best_matching_beam():
+    import torch
+
+    prefix_hits = _load_bench("prefix_recall").prefix_hits
+    beams_BWL = torch.tensor([[[1, 2, 3], [1, 2, 4], [5, 0, 0]], [[7, 7, 7], [-1, -1, -1], [-1, -1, -1]]])
+    targets_BL = torch.tensor([[1, 2, 4], [7, 8, 7]])
+    # user 0: beam 1 is the item (depth 3); in the top 1 only depth 2. user 1: depth 1 only (the
+    # third code matches, but not after a mismatch).
+    assert prefix_hits(beams_BWL, targets_BL, k=1).tolist() == [2, 1, 0]
+    assert prefix_hits(beams_BWL, targets_BL, k=3).tolist() == [2, 1, 1]
+
+
+def test_prefix_recall_bench_ends_at_the_item_recall_of_the_evaluate_stage(pipeline_run, capsys):
+    recall = _load_bench("prefix_recall").main(["--run", str(pipeline_run)])
+    metrics = json.loads((pipeline_run / "metrics.json").read_text())
+    for name, by_depth in recall.items():
+        assert by_depth == sorted(by_depth, reverse=True)  # a deeper prefix can only match less often
+        assert by_depth[-1] == pytest.approx(metrics["valid"][name], abs=1e-4)  # rounded to 4 places
+    assert "| code depth |" in capsys.readouterr().out
