@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from onerec.config import RootConfig, to_dict
-from onerec.data.splits import training_item_counts, training_lengths
+from onerec.data.splits import UserSequences, training_item_counts, training_lengths
 from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
 from onerec.logging import RunLogger, codebook_scalars
@@ -65,13 +65,12 @@ def _read_item_texts(items_dir: Path) -> list[str]:
     return texts
 
 
-def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, paths: RunPaths) -> torch.Tensor:
+def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, sequences: UserSequences) -> torch.Tensor:
     """[N, D + C]: the content vectors with collaborative ones from the training sequences."""
     tok = cfg.tokenizer
-    prepared = load_prepared(paths.data)
-    train_len = training_lengths(prepared.sequences, cfg.data)
+    train_len = training_lengths(sequences, cfg.data)
     collaborative_NC = ppmi_svd_vectors(
-        prepared.sequences, train_len, content_ND.shape[0], tok.collaborative_dim, tok.collaborative_window, cfg.run.seed
+        sequences, train_len, content_ND.shape[0], tok.collaborative_dim, tok.collaborative_window, cfg.run.seed
     )
     without = int((collaborative_NC.norm(dim=1) == 0).sum())
     log.info(
@@ -100,8 +99,11 @@ def main(cfg: RootConfig) -> Path:
     else:
         embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
     log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
+    # The user sequences, read once, for whatever below learns from training use.
+    uses_sequences = tok.collaborative_weight > 0 or (tok.dedup and tok.dedup_order == "popularity")
+    sequences = load_prepared(paths.data).sequences if uses_sequences else None
     if tok.collaborative_weight > 0:
-        embeddings_ND = _blend_collaborative(embeddings_ND, cfg, paths)
+        embeddings_ND = _blend_collaborative(embeddings_ND, cfg, sequences)
 
     if tok.method == "rq_vae":
         codes_NL, training = train_rq_vae(embeddings_ND, tok.levels, tok.codebook_size, tok.rq_vae, cfg.run.seed, device)
@@ -128,7 +130,7 @@ def main(cfg: RootConfig) -> Path:
         priority_N = None
         if tok.dedup_order == "popularity":
             # Training parts only: neither held-out target may shape the codes.
-            priority_N = training_item_counts(load_prepared(paths.data).sequences, cfg.data, len(texts))
+            priority_N = training_item_counts(sequences, cfg.data, len(texts))
         codes_NL, dedup_size = add_dedup_level(codes_NL, priority_N)
         sizes = sizes + [dedup_size]
         log.info("dedup level: %d codes, in %s order", dedup_size, tok.dedup_order)
