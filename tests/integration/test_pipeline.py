@@ -10,6 +10,17 @@ NUM_ITEMS = 48
 NUM_USERS = 60
 
 
+def _load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _write_log(root):
     """Each user walks the catalogue in steps of +1 from their own start: next item = last + 1."""
     root.mkdir()
@@ -118,12 +129,7 @@ def test_recommend_rejects_unknown_items(pipeline_run, capsys):
 
 
 def test_quality_bench_tables_ours_sasrec_popularity_and_published_rows(pipeline_run, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[2] / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _load_bench("quality")
     published = tmp_path / "published.json"
     paper = {"recall@5": 0.1, "ndcg@5": 0.05, "recall@10": 0.2, "ndcg@10": 0.1}
     published.write_text(json.dumps({"rows": {"Paper": paper}, "target": {"row": "Paper", "factor": 1.1}}))
@@ -145,28 +151,13 @@ def test_quality_bench_tables_ours_sasrec_popularity_and_published_rows(pipeline
 
 
 def test_validation_bench_scores_valid_only_and_matches_the_evaluate_stage(pipeline_run, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("validation", Path(__file__).parents[2] / "bench" / "validation.py")
-    validation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(validation)
+    validation = _load_bench("validation")
     rows = validation.main(["--run", str(pipeline_run), "--exclude-history", "both"])
     metrics = json.loads((pipeline_run / "metrics.json").read_text())
     plain = next(r for r in rows if not r["exclude_history"])
     assert {k: plain[k] for k in metrics["valid"]} == metrics["valid"]  # the same search, the same users
     assert len(rows) == 2 and [r["exclude_history"] for r in rows] == [False, True]
     assert "| history excluded |" in capsys.readouterr().out
-
-
-def _load_bench(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_prefix_hits_count_users_by_the_depth_of_their_best_matching_beam():

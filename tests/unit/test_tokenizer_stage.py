@@ -9,8 +9,7 @@ import torch
 
 from onerec.config import ConfigError, load_config
 from onerec.data.splits import training_item_counts
-from onerec.data.stage import load_prepared
-from onerec.data.stage import main as data_main
+from onerec.data.stage import load_prepared, main as data_main
 from onerec.tokenizer import embed as embed_module
 from onerec.tokenizer.semantic_ids import SemanticIds
 from onerec.tokenizer.stage import main
