@@ -108,6 +108,9 @@ class RQVAEConfig:
             raise ConfigError(f"tokenizer.rq_vae.hidden_dims={list(self.hidden_dims)}: every width must be >= 1")
 
 
+COLLABORATIVE_SOURCES = ("cooccurrence", "sasrec")
+
+
 @dataclass
 class TokenizerConfig:
     method: str = "rq_kmeans"  # rq_kmeans (OneRec, balanced residual k-means) | rq_vae (TIGER)
@@ -122,10 +125,14 @@ class TokenizerConfig:
     # "popularity" (most frequent in the training parts first, so dedup code 0 means the same
     # thing in every group).
     dedup_order: str = "item"
-    # Share of collaborative signal in the vectors that are quantised (0: content only): item
-    # vectors from co-occurrence in the training sequences (PPMI + SVD, collaborative_dim wide,
-    # pairs up to collaborative_window steps apart), blended with the content vectors.
+    # Share of collaborative signal in the vectors that are quantised (0: content only), blended
+    # with the content vectors. collaborative_source picks where those item vectors come from:
+    #   "cooccurrence": PPMI + SVD of the training sequences (collaborative_dim wide, pairs up to
+    #                   collaborative_window steps apart)
+    #   "sasrec":       the item embeddings of the SASRec baseline trained on the same training
+    #                   parts (the `baseline` stage, which the pipeline then runs before tokenize)
     collaborative_weight: float = 0.0
+    collaborative_source: str = "cooccurrence"
     collaborative_dim: int = 64
     collaborative_window: int = 3
     rq_vae: RQVAEConfig = field(default_factory=RQVAEConfig)
@@ -133,6 +140,7 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         _check_choice("tokenizer", "method", self.method, ("rq_kmeans", "rq_vae"))
         _check_choice("tokenizer", "dedup_order", self.dedup_order, ("item", "popularity"))
+        _check_choice("tokenizer", "collaborative_source", self.collaborative_source, COLLABORATIVE_SOURCES)
         _check_positive("tokenizer", "levels", self.levels)
         if self.codebook_size < 2:
             raise ConfigError(f"tokenizer.codebook_size={self.codebook_size}: expected >= 2")
@@ -140,6 +148,11 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.collaborative_weight={self.collaborative_weight}: expected in [0, 1]")
         _check_positive("tokenizer", "collaborative_dim", self.collaborative_dim)
         _check_positive("tokenizer", "collaborative_window", self.collaborative_window)
+
+    @property
+    def needs_sasrec(self) -> bool:
+        """Whether tokenize reads the SASRec baseline's item embeddings (so it must run first)."""
+        return self.collaborative_weight > 0 and self.collaborative_source == "sasrec"
 
 
 @dataclass

@@ -47,6 +47,10 @@ class RunPaths:
         return self.root / "baselines"
 
     @property
+    def sasrec(self) -> Path:
+        return self.baselines / "sasrec"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 

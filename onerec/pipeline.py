@@ -1,8 +1,10 @@
 """`onerec pipeline`: every stage in order, each reading the previous stage's output directory.
 
-    data -> tokenize -> pretrain [-> reward] [-> dpo] -> evaluate      (all under run.out_dir)
+    data [-> baseline] -> tokenize -> pretrain [-> reward] [-> dpo] -> evaluate   (all under run.out_dir)
 
-reward runs when reward.enabled, dpo when align.enabled (which needs the reward model).
+baseline (SASRec) runs first when the semantic IDs are built from its item embeddings
+(tokenizer.collaborative_source=sasrec); reward runs when reward.enabled, dpo when
+align.enabled (which needs the reward model).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def save_resolved_config(cfg: RootConfig) -> None:
 def main(cfg: RootConfig) -> dict:
     # Imported here so `onerec --help` stays fast and each stage's dependencies load only when used.
     from onerec.align import dpo_stage, reward_stage
+    from onerec.baselines import stage as baseline_stage
     from onerec.data import stage as data_stage
     from onerec.inference import stage as evaluate_stage
     from onerec.tokenizer import stage as tokenize_stage
@@ -40,7 +43,10 @@ def main(cfg: RootConfig) -> dict:
     started = time.perf_counter()
     save_resolved_config(cfg)
     timings = {}
-    stages = [("data", data_stage.main), ("tokenize", tokenize_stage.main), ("pretrain", pretrain.main)]
+    stages = [("data", data_stage.main)]
+    if cfg.tokenizer.needs_sasrec:
+        stages.append(("baseline", baseline_stage.main))
+    stages += [("tokenize", tokenize_stage.main), ("pretrain", pretrain.main)]
     if cfg.reward.enabled:
         stages.append(("reward", reward_stage.main))
     if cfg.align.enabled:

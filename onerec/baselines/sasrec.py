@@ -10,8 +10,11 @@ Inputs are item indices right-aligned with -1 padding on the left (the harness's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from onerec.config import SASRecConfig
@@ -86,3 +89,27 @@ def sequence_loss(model: SASRec, rows_BT: torch.Tensor) -> torch.Tensor:
     real = (targets_BS >= 0) & (inputs_BS >= 0)
     logits_RN = model.item_logits(hidden_BSD[real])
     return nn.functional.cross_entropy(logits_RN, targets_BS[real])
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def load_item_vectors(weights_path: Path, num_items: int) -> torch.Tensor:
+    """[N, D] item embeddings of a trained SASRec (its padding row dropped): the vectors its
+    output layer scores items with, so items that follow similar histories lie close."""
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{weights_path} does not exist: run `onerec baseline` with the same run.out_dir first "
+            "(`onerec pipeline` runs it before tokenize when tokenizer.collaborative_source=sasrec)"
+        )
+    with safe_open(str(weights_path), framework="pt") as weights:
+        if "item_emb.weight" not in weights.keys():
+            raise ValueError(f"{weights_path}: no tensor 'item_emb.weight'; not a SASRec checkpoint")
+        table = weights.get_tensor("item_emb.weight")
+    if table.ndim != 2 or table.shape[0] != num_items + 1:
+        raise ValueError(
+            f"{weights_path}: item_emb.weight has shape {tuple(table.shape)}, expected ({num_items + 1}, D) for "
+            f"{num_items} items plus padding; it was trained on other data: re-run `onerec baseline`"
+        )
+    return table[1:].float()

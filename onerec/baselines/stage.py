@@ -4,7 +4,8 @@ It reads <out>/data (the `data` stage), trains on every user's training part, se
 epoch by validation NDCG@10 (early stopping), then scores the test split once with the
 best weights. Ranking is over the full catalogue, like the generative model's beam search,
 with nothing masked (history items may be recommended, as in the generative decode).
-Writes <out>/baselines/sasrec/{model.safetensors, metrics.json}.
+Writes <out>/baselines/sasrec/{model.safetensors, metrics.json}; tokenize reads the item
+embeddings back when tokenizer.collaborative_source=sasrec.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onerec.baselines.sasrec import SASRec, sequence_loss, training_sequences
+from onerec.baselines.sasrec import WEIGHTS_FILE, SASRec, sequence_loss, training_sequences
 from onerec.checkpoint import save_weights
 from onerec.config import RootConfig, to_dict
 from onerec.data.splits import make_splits, training_lengths
@@ -106,9 +107,9 @@ def main(cfg: RootConfig) -> dict:
     model.load_state_dict(best["state"])
     test = splits["test"]
     test_metrics = evaluate_sasrec(model, test.history, test.target[:, 0], ks, 1024, device, cfg.eval.exclude_history)
-    out_dir = paths.baselines / "sasrec"
+    out_dir = paths.sasrec
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out_dir / "model.safetensors")
+    save_weights(model, out_dir / WEIGHTS_FILE)
     result = {
         "valid": best["valid"],
         "test": test_metrics,

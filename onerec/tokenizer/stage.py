@@ -1,10 +1,12 @@
 """Stage `tokenize`: item text (or, with tokenizer.encoder=features, the items' numeric
 feature vectors) -> embeddings (+ collaborative vectors from the training sequences, when
-tokenizer.collaborative_weight > 0) -> quantiser -> dedup -> SemanticIds.
+tokenizer.collaborative_weight > 0: co-occurrence PPMI-SVD, or the SASRec baseline's item
+embeddings) -> quantiser -> dedup -> SemanticIds.
 
 The quantiser is `tokenizer.method`: balanced residual k-means (OneRec) or an RQ-VAE (TIGER).
 
-Reads <out>/data/items (HF dataset: item_index 0..N-1 in order, raw_id, title, text) and
+Reads <out>/data/items (HF dataset: item_index 0..N-1 in order, raw_id, title, text), with
+collaborative_source=sasrec also <out>/baselines/sasrec/model.safetensors, and
 writes <out>/semantic_ids/ atomically: codes, per-level statistics, and the embedding
 cache (cache/embeddings.safetensors) so a re-run with the same texts skips the encoder.
 """
@@ -20,6 +22,7 @@ import datasets
 import numpy as np
 import torch
 
+from onerec.baselines.sasrec import WEIGHTS_FILE, load_item_vectors
 from onerec.config import RootConfig, to_dict
 from onerec.data.splits import UserSequences, training_item_counts, training_lengths
 from onerec.data.stage import load_prepared
@@ -65,18 +68,27 @@ def _read_item_texts(items_dir: Path) -> list[str]:
     return texts
 
 
-def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, sequences: UserSequences) -> torch.Tensor:
-    """[N, D + C]: the content vectors with collaborative ones from the training sequences."""
+def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, sequences: UserSequences | None) -> torch.Tensor:
+    """[N, D + C]: the content vectors with collaborative ones learnt from the training parts."""
     tok = cfg.tokenizer
-    train_len = training_lengths(sequences, cfg.data)
-    collaborative_NC = ppmi_svd_vectors(
-        sequences, train_len, content_ND.shape[0], tok.collaborative_dim, tok.collaborative_window, cfg.run.seed
-    )
-    without = int((collaborative_NC.norm(dim=1) == 0).sum())
-    log.info(
-        "collaborative vectors: dim %d, window %d, weight %.2f (%d items never co-occur in training: content only)",
-        collaborative_NC.shape[1], tok.collaborative_window, tok.collaborative_weight, without,
-    )
+    num_items = content_ND.shape[0]
+    if tok.collaborative_source == "sasrec":
+        collaborative_NC = load_item_vectors(RunPaths.of(cfg.run.out_dir).sasrec / WEIGHTS_FILE, num_items)
+        log.info(
+            "collaborative vectors: SASRec item embeddings, dim %d, weight %.2f",
+            collaborative_NC.shape[1], tok.collaborative_weight,
+        )
+    else:
+        train_len = training_lengths(sequences, cfg.data)
+        collaborative_NC = ppmi_svd_vectors(
+            sequences, train_len, num_items, tok.collaborative_dim, tok.collaborative_window, cfg.run.seed
+        )
+        without = int((collaborative_NC.norm(dim=1) == 0).sum())
+        log.info(
+            "collaborative vectors: co-occurrence, dim %d, window %d, weight %.2f (%d items never co-occur in "
+            "training: content only)",
+            collaborative_NC.shape[1], tok.collaborative_window, tok.collaborative_weight, without,
+        )
     return blend(content_ND, collaborative_NC, tok.collaborative_weight)
 
 
@@ -100,7 +112,9 @@ def main(cfg: RootConfig) -> Path:
         embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
     log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
     # The user sequences, read once, for whatever below learns from training use.
-    uses_sequences = tok.collaborative_weight > 0 or (tok.dedup and tok.dedup_order == "popularity")
+    uses_sequences = (tok.collaborative_weight > 0 and tok.collaborative_source == "cooccurrence") or (
+        tok.dedup and tok.dedup_order == "popularity"
+    )
     sequences = load_prepared(paths.data).sequences if uses_sequences else None
     if tok.collaborative_weight > 0:
         embeddings_ND = _blend_collaborative(embeddings_ND, cfg, sequences)

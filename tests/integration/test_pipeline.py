@@ -179,3 +179,24 @@ def test_prefix_recall_bench_ends_at_the_item_recall_of_the_evaluate_stage(pipel
         assert by_depth == sorted(by_depth, reverse=True)  # a deeper prefix can only match less often
         assert by_depth[-1] == pytest.approx(metrics["valid"][name], abs=1e-4)  # rounded to 4 places
     assert "| code depth |" in capsys.readouterr().out
+
+
+def test_semantic_ids_from_sasrec_vectors_train_the_baseline_first_and_the_bench_reuses_it(tmp_path):
+    _write_log(tmp_path / "raw")
+    overrides = _overrides(tmp_path) + [
+        "tokenizer.collaborative_weight=0.5",
+        "tokenizer.collaborative_source=sasrec",
+        "train.max_epochs=2",
+        "sasrec.max_epochs=2",
+    ]
+    assert cli_main(["pipeline", *overrides]) == 0
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["stage_seconds"]) == ["data", "baseline", "tokenize", "pretrain", "evaluate"]
+    baseline = json.loads((run / "baselines/sasrec/metrics.json").read_text())
+
+    quality = _load_bench("quality")
+    result = quality.main(["--name", "tiny", "--skip-pipeline", "--results-dir", str(tmp_path / "results"), *overrides])
+    assert result["sasrec_in_pipeline"] and result["sasrec"]["test"] == baseline["test"]
+    assert result["seconds"]["sasrec"] == baseline["wall_seconds"]  # reused, not trained again
+    assert "(part of the pipeline's time)" in (tmp_path / "results" / "quality_tiny.md").read_text()

@@ -1,11 +1,13 @@
-"""Collaborative item vectors (PPMI + SVD over the training sequences) and their blend into
-the vectors the tokenizer quantises."""
+"""Collaborative item vectors (PPMI + SVD over the training sequences, or the SASRec baseline's
+item embeddings) and their blend into the vectors the tokenizer quantises."""
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from onerec.baselines.sasrec import load_item_vectors
 from onerec.config import ConfigError, load_config
 from onerec.data.splits import UserSequences
 from onerec.data.stage import main as data_main
@@ -94,10 +96,8 @@ def _write_block_log(raw, block: int) -> None:
     (raw / "items.csv").write_text("\n".join(titles) + "\n")
 
 
-def test_stage_with_full_collaborative_weight_splits_the_catalogue_by_use_not_by_text(tmp_path):
-    block = 8
-    _write_block_log(tmp_path / "raw", block)
-    base = [
+def _block_config(tmp_path) -> list[str]:
+    return [
         f"run.out_dir={tmp_path / 'run'}",
         "run.device=cpu",
         "data.format=csv",
@@ -112,6 +112,12 @@ def test_stage_with_full_collaborative_weight_splits_the_catalogue_by_use_not_by
         "tokenizer.codebook_size=2",
         "tokenizer.collaborative_dim=4",
     ]
+
+
+def test_stage_with_full_collaborative_weight_splits_the_catalogue_by_use_not_by_text(tmp_path):
+    block = 8
+    _write_block_log(tmp_path / "raw", block)
+    base = _block_config(tmp_path)
     data_main(load_config(None, base))
     raw_ids = [f"i{i}" for i in range(2 * block)]
 
@@ -129,3 +135,58 @@ def test_stage_with_full_collaborative_weight_splits_the_catalogue_by_use_not_by
     assert split_of(by_use, range(block)) != split_of(by_use, range(block, 2 * block))
     by_text = first_level_by_raw_id("0.0")
     assert len(split_of(by_text, range(0, 2 * block, 2))) == 1  # every "lipstick" together
+
+
+def _write_sasrec_weights(path, item_vectors_ND: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    padding_1D = torch.zeros(1, item_vectors_ND.shape[1])
+    save_file({"item_emb.weight": torch.cat([padding_1D, item_vectors_ND]), "pos_emb.weight": torch.zeros(3, 4)}, str(path))
+
+
+def test_stage_with_sasrec_source_quantises_the_baselines_item_embeddings(tmp_path):
+    block = 8
+    _write_block_log(tmp_path / "raw", block)
+    base = _block_config(tmp_path) + ["tokenizer.collaborative_weight=1.0", "tokenizer.collaborative_source=sasrec"]
+    data_main(load_config(None, base))
+    items = datasets.load_from_disk(str(tmp_path / "run" / "data" / "items"))
+    # Item embeddings that group raw ids 0, 1, 4, 5, ... apart from 2, 3, 6, 7, ...: neither the
+    # text's grouping (parity) nor the co-occurrence one (first vs second half of the ids), so the
+    # first-level codes can only follow them if the stage read them.
+    raw_index = np.array([int(raw[1:]) for raw in items["raw_id"]])
+    half_N = torch.as_tensor((raw_index // 2) % 2 == 0)
+    noise_ND = 0.05 * torch.randn(len(raw_index), 4, generator=torch.Generator().manual_seed(0))
+    vectors_ND = torch.where(half_N[:, None], torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])) + noise_ND
+    _write_sasrec_weights(tmp_path / "run" / "baselines" / "sasrec" / "model.safetensors", vectors_ND)
+
+    codes_N = SemanticIds.load(tokenize_main(load_config(None, base))).codes[:, 0]
+    assert len(set(codes_N[half_N].tolist())) == 1 and len(set(codes_N[~half_N].tolist())) == 1
+    assert set(codes_N[half_N].tolist()) != set(codes_N[~half_N].tolist())
+
+
+def test_sasrec_source_without_the_baseline_names_the_command(tmp_path):
+    _write_block_log(tmp_path / "raw", 8)
+    base = _block_config(tmp_path) + ["tokenizer.collaborative_weight=0.5", "tokenizer.collaborative_source=sasrec"]
+    data_main(load_config(None, base))
+    with pytest.raises(FileNotFoundError, match="onerec baseline"):
+        tokenize_main(load_config(None, base))
+    assert not (tmp_path / "run" / "semantic_ids" / "codes.safetensors").exists()
+
+
+def test_sasrec_vectors_of_another_catalogue_are_rejected(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    _write_sasrec_weights(weights, torch.randn(7, 4))
+    assert load_item_vectors(weights, 7).shape == (7, 4)
+    with pytest.raises(ValueError, match=r"model.safetensors: item_emb.weight has shape \(8, 4\), expected \(11, D\)"):
+        load_item_vectors(weights, 10)
+    save_file({"other": torch.zeros(2)}, str(weights))
+    with pytest.raises(ValueError, match="not a SASRec checkpoint"):
+        load_item_vectors(weights, 7)
+
+
+def test_config_knows_when_tokenize_needs_the_sasrec_baseline():
+    assert not load_config(None, ["tokenizer.collaborative_source=sasrec"]).tokenizer.needs_sasrec  # weight 0
+    assert not load_config(None, ["tokenizer.collaborative_weight=0.5"]).tokenizer.needs_sasrec
+    both = ["tokenizer.collaborative_weight=0.5", "tokenizer.collaborative_source=sasrec"]
+    assert load_config(None, both).tokenizer.needs_sasrec
+    with pytest.raises(ConfigError, match="tokenizer.collaborative_source='svd'"):
+        load_config(None, ["tokenizer.collaborative_source=svd"])
