@@ -108,7 +108,7 @@ class RQVAEConfig:
             raise ConfigError(f"tokenizer.rq_vae.hidden_dims={list(self.hidden_dims)}: every width must be >= 1")
 
 
-COLLABORATIVE_SOURCES = ("cooccurrence", "sasrec")
+COLLABORATIVE_SOURCES = ("cooccurrence", "sasrec", "cooccurrence+sasrec")
 
 
 @dataclass
@@ -131,6 +131,7 @@ class TokenizerConfig:
     #                   collaborative_window steps apart)
     #   "sasrec":       the item embeddings of the SASRec baseline trained on the same training
     #                   parts (the `baseline` stage, which the pipeline then runs before tokenize)
+    #   "cooccurrence+sasrec": both, each L2-normalised, counting equally
     collaborative_weight: float = 0.0
     collaborative_source: str = "cooccurrence"
     collaborative_dim: int = 64
@@ -152,7 +153,7 @@ class TokenizerConfig:
     @property
     def needs_sasrec(self) -> bool:
         """Whether tokenize reads the SASRec baseline's item embeddings (so it must run first)."""
-        return self.collaborative_weight > 0 and self.collaborative_source == "sasrec"
+        return self.collaborative_weight > 0 and "sasrec" in self.collaborative_source
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from onerec.baselines.sasrec import WEIGHTS_FILE, load_item_vectors
 from onerec.config import RootConfig, to_dict
@@ -68,27 +69,31 @@ def _read_item_texts(items_dir: Path) -> list[str]:
     return texts
 
 
-def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, sequences: UserSequences | None) -> torch.Tensor:
-    """[N, D + C]: the content vectors with collaborative ones learnt from the training parts."""
+def _collaborative_vectors(source: str, cfg: RootConfig, sequences: UserSequences | None, num_items: int) -> torch.Tensor:
+    """[N, C] item vectors learnt from the training parts by one source."""
     tok = cfg.tokenizer
-    num_items = content_ND.shape[0]
-    if tok.collaborative_source == "sasrec":
-        collaborative_NC = load_item_vectors(RunPaths.of(cfg.run.out_dir).sasrec / WEIGHTS_FILE, num_items)
-        log.info(
-            "collaborative vectors: SASRec item embeddings, dim %d, weight %.2f",
-            collaborative_NC.shape[1], tok.collaborative_weight,
-        )
-    else:
-        train_len = training_lengths(sequences, cfg.data)
-        collaborative_NC = ppmi_svd_vectors(
-            sequences, train_len, num_items, tok.collaborative_dim, tok.collaborative_window, cfg.run.seed
-        )
-        without = int((collaborative_NC.norm(dim=1) == 0).sum())
-        log.info(
-            "collaborative vectors: co-occurrence, dim %d, window %d, weight %.2f (%d items never co-occur in "
-            "training: content only)",
-            collaborative_NC.shape[1], tok.collaborative_window, tok.collaborative_weight, without,
-        )
+    if source == "sasrec":
+        vectors_NC = load_item_vectors(RunPaths.of(cfg.run.out_dir).sasrec / WEIGHTS_FILE, num_items)
+        log.info("collaborative vectors: SASRec item embeddings, dim %d", vectors_NC.shape[1])
+        return vectors_NC
+    train_len = training_lengths(sequences, cfg.data)
+    vectors_NC = ppmi_svd_vectors(sequences, train_len, num_items, tok.collaborative_dim, tok.collaborative_window, cfg.run.seed)
+    without = int((vectors_NC.norm(dim=1) == 0).sum())
+    log.info(
+        "collaborative vectors: co-occurrence, dim %d, window %d (%d items never co-occur in training: content only)",
+        vectors_NC.shape[1], tok.collaborative_window, without,
+    )
+    return vectors_NC
+
+
+def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, sequences: UserSequences | None) -> torch.Tensor:
+    """[N, D + C]: the content vectors with collaborative ones learnt from the training parts.
+    With two sources each is L2-normalised and both count equally in the collaborative part."""
+    tok = cfg.tokenizer
+    sources = tok.collaborative_source.split("+")
+    parts = [F.normalize(_collaborative_vectors(s, cfg, sequences, content_ND.shape[0]).float(), dim=1) for s in sources]
+    collaborative_NC = torch.cat(parts, dim=1) / len(parts) ** 0.5
+    log.info("collaborative weight %.2f (%s)", tok.collaborative_weight, tok.collaborative_source)
     return blend(content_ND, collaborative_NC, tok.collaborative_weight)
 
 
@@ -112,7 +117,7 @@ def main(cfg: RootConfig) -> Path:
         embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
     log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
     # The user sequences, read once, for whatever below learns from training use.
-    uses_sequences = (tok.collaborative_weight > 0 and tok.collaborative_source == "cooccurrence") or (
+    uses_sequences = (tok.collaborative_weight > 0 and "cooccurrence" in tok.collaborative_source) or (
         tok.dedup and tok.dedup_order == "popularity"
     )
     sequences = load_prepared(paths.data).sequences if uses_sequences else None

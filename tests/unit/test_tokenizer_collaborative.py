@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 from onerec.baselines.sasrec import load_item_vectors
 from onerec.config import ConfigError, load_config
 from onerec.data.splits import UserSequences
-from onerec.data.stage import main as data_main
+from onerec.data.stage import load_prepared, main as data_main
 from onerec.tokenizer.collaborative import blend, cooccurrence_pairs, ppmi_svd_vectors
 from onerec.tokenizer.semantic_ids import SemanticIds
-from onerec.tokenizer.stage import main as tokenize_main
+from onerec.tokenizer.stage import _blend_collaborative, main as tokenize_main
 
 
 def _sequences(per_user: list[list[int]]) -> UserSequences:
@@ -163,6 +163,23 @@ def test_stage_with_sasrec_source_quantises_the_baselines_item_embeddings(tmp_pa
     assert set(codes_N[half_N].tolist()) != set(codes_N[~half_N].tolist())
 
 
+def test_both_sources_count_equally_in_the_squared_distances(tmp_path):
+    _write_block_log(tmp_path / "raw", 8)
+    base = _block_config(tmp_path) + ["tokenizer.collaborative_weight=1.0"]
+    data_main(load_config(None, base))
+    sequences = load_prepared(tmp_path / "run" / "data").sequences
+    _write_sasrec_weights(tmp_path / "run" / "baselines" / "sasrec" / "model.safetensors", torch.randn(16, 5))
+
+    def squared_distances(source: str) -> torch.Tensor:
+        cfg = load_config(None, base + [f"tokenizer.collaborative_source={source}"])
+        vectors = _blend_collaborative(torch.zeros(16, 3), cfg, sequences)  # weight 1: content part is zero
+        return torch.cdist(vectors, vectors).pow(2)
+
+    both = squared_distances("cooccurrence+sasrec")
+    torch.testing.assert_close(both, (squared_distances("cooccurrence") + squared_distances("sasrec")) / 2, atol=1e-5, rtol=0)
+    assert both.max() > 0.5  # the items are really spread out, not all one point
+
+
 def test_sasrec_source_without_the_baseline_names_the_command(tmp_path):
     _write_block_log(tmp_path / "raw", 8)
     base = _block_config(tmp_path) + ["tokenizer.collaborative_weight=0.5", "tokenizer.collaborative_source=sasrec"]
@@ -188,5 +205,6 @@ def test_config_knows_when_tokenize_needs_the_sasrec_baseline():
     assert not load_config(None, ["tokenizer.collaborative_weight=0.5"]).tokenizer.needs_sasrec
     both = ["tokenizer.collaborative_weight=0.5", "tokenizer.collaborative_source=sasrec"]
     assert load_config(None, both).tokenizer.needs_sasrec
+    assert load_config(None, ["tokenizer.collaborative_weight=0.5", "tokenizer.collaborative_source=cooccurrence+sasrec"]).tokenizer.needs_sasrec
     with pytest.raises(ConfigError, match="tokenizer.collaborative_source='svd'"):
         load_config(None, ["tokenizer.collaborative_source=svd"])
