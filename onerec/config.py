@@ -153,7 +153,7 @@ class TokenizerConfig:
     @property
     def needs_sasrec(self) -> bool:
         """Whether tokenize reads the SASRec baseline's item embeddings (so it must run first)."""
-        return self.collaborative_weight > 0 and "sasrec" in self.collaborative_source
+        return self.collaborative_weight > 0 and "sasrec" in self.collaborative_source.split("+")
 
 
 @dataclass
