@@ -6,8 +6,9 @@
 Runs `onerec pipeline` (data -> tokenize -> pretrain -> evaluate) and the SASRec baseline on
 the same data and split (when the config builds its semantic IDs from SASRec's item vectors,
 the pipeline has trained that baseline already and its result is reused), then writes
-bench/results/quality_<name>.{json,md} and prints the table. Hyperparameters come from the config, which is chosen on validation only; the test
-split is scored once, by the evaluate stage and by the baseline, at the end.
+bench/results/quality_<name>.{json,md} and prints the table. Hyperparameters come from the
+config, which is chosen on validation only; the test split is scored once, by the evaluate
+stage and by the baseline, at the end.
 --tokenizer-report also quantises the same item embeddings with both tokenizers
 (rq_kmeans and rq_vae) and reports per-level utilization, entropy and collision rate.
 """
