@@ -151,9 +151,14 @@ class TokenizerConfig:
         _check_positive("tokenizer", "collaborative_window", self.collaborative_window)
 
     @property
+    def collaborative_sources(self) -> tuple[str, ...]:
+        """The sources tokenize blends in: none at weight 0, else the parts of collaborative_source."""
+        return tuple(self.collaborative_source.split("+")) if self.collaborative_weight > 0 else ()
+
+    @property
     def needs_sasrec(self) -> bool:
         """Whether tokenize reads the SASRec baseline's item embeddings (so it must run first)."""
-        return self.collaborative_weight > 0 and "sasrec" in self.collaborative_source.split("+")
+        return "sasrec" in self.collaborative_sources
 
 
 @dataclass

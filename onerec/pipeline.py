@@ -3,7 +3,7 @@
     data [-> baseline] -> tokenize -> pretrain [-> reward] [-> dpo] -> evaluate   (all under run.out_dir)
 
 baseline (SASRec) runs first when the semantic IDs are built from its item embeddings
-(tokenizer.collaborative_source=sasrec); reward runs when reward.enabled, dpo when
+(tokenizer.collaborative_source names sasrec); reward runs when reward.enabled, dpo when
 align.enabled (which needs the reward model).
 """
 

@@ -101,7 +101,7 @@ def load_item_vectors(weights_path: Path, num_items: int) -> torch.Tensor:
     if not weights_path.is_file():
         raise FileNotFoundError(
             f"{weights_path} does not exist: run `onerec baseline` with the same run.out_dir first "
-            "(`onerec pipeline` runs it before tokenize when tokenizer.collaborative_source=sasrec)"
+            "(`onerec pipeline` runs it before tokenize when tokenizer.collaborative_source names sasrec)"
         )
     with safe_open(str(weights_path), framework="pt") as weights:
         if "item_emb.weight" not in weights.keys():

@@ -5,7 +5,7 @@ epoch by validation NDCG@10 (early stopping), then scores the test split once wi
 best weights. Ranking is over the full catalogue, like the generative model's beam search,
 with nothing masked (history items may be recommended, as in the generative decode).
 Writes <out>/baselines/sasrec/{model.safetensors, metrics.json}; tokenize reads the item
-embeddings back when tokenizer.collaborative_source=sasrec.
+embeddings back when tokenizer.collaborative_source names sasrec.
 """
 
 from __future__ import annotations

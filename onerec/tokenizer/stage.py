@@ -6,7 +6,7 @@ embeddings) -> quantiser -> dedup -> SemanticIds.
 The quantiser is `tokenizer.method`: balanced residual k-means (OneRec) or an RQ-VAE (TIGER).
 
 Reads <out>/data/items (HF dataset: item_index 0..N-1 in order, raw_id, title, text), with
-collaborative_source=sasrec also <out>/baselines/sasrec/model.safetensors, and
+a collaborative_source that names sasrec also <out>/baselines/sasrec/model.safetensors, and
 writes <out>/semantic_ids/ atomically: codes, per-level statistics, and the embedding
 cache (cache/embeddings.safetensors) so a re-run with the same texts skips the encoder.
 """
@@ -90,8 +90,10 @@ def _blend_collaborative(content_ND: torch.Tensor, cfg: RootConfig, sequences: U
     """[N, D + C]: the content vectors with collaborative ones learnt from the training parts.
     With two sources each is L2-normalised and both count equally in the collaborative part."""
     tok = cfg.tokenizer
-    sources = tok.collaborative_source.split("+")
-    parts = [F.normalize(_collaborative_vectors(s, cfg, sequences, content_ND.shape[0]).float(), dim=1) for s in sources]
+    parts = [
+        F.normalize(_collaborative_vectors(source, cfg, sequences, content_ND.shape[0]).float(), dim=1)
+        for source in tok.collaborative_sources
+    ]
     collaborative_NC = torch.cat(parts, dim=1) / len(parts) ** 0.5
     log.info("collaborative weight %.2f (%s)", tok.collaborative_weight, tok.collaborative_source)
     return blend(content_ND, collaborative_NC, tok.collaborative_weight)
@@ -117,11 +119,9 @@ def main(cfg: RootConfig) -> Path:
         embeddings_ND = embed_texts(texts, tok.encoder, tok.embed_batch_size, cache_path, str(device))
     log.info("embedded %d items with %s: dim %d", len(texts), tok.encoder, embeddings_ND.shape[1])
     # The user sequences, read once, for whatever below learns from training use.
-    uses_sequences = (tok.collaborative_weight > 0 and "cooccurrence" in tok.collaborative_source) or (
-        tok.dedup and tok.dedup_order == "popularity"
-    )
+    uses_sequences = "cooccurrence" in tok.collaborative_sources or (tok.dedup and tok.dedup_order == "popularity")
     sequences = load_prepared(paths.data).sequences if uses_sequences else None
-    if tok.collaborative_weight > 0:
+    if tok.collaborative_sources:
         embeddings_ND = _blend_collaborative(embeddings_ND, cfg, sequences)
 
     if tok.method == "rq_vae":
