@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.skip_pipeline:
         metrics = json.loads(paths.metrics.read_text())
     else:
-        from onerec.pipeline import main as pipeline_main
+        from onerec.stages.pipeline import main as pipeline_main
 
         metrics = pipeline_main(cfg)
     alignment = metrics["alignment"]

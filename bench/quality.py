@@ -67,7 +67,7 @@ def run_record(script: str, name: str, argv: list[str] | None, cfg) -> dict:
 def tokenizer_report(config: str, overrides: list[str], methods=("rq_kmeans", "rq_vae")) -> dict:
     """Quantise the run's item embeddings with each method; per-level statistics for each."""
     from onerec.tokenizer.semantic_ids import CACHE_DIR, SemanticIds
-    from onerec.tokenizer.stage import main as tokenize_main
+    from onerec.stages.tokenize import main as tokenize_main
 
     paths = RunPaths.of(load_config(config, overrides).run.out_dir)
     report = {}
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides)
     paths = RunPaths.of(cfg.run.out_dir)
 
-    from onerec.baselines.stage import main as sasrec_main
-    from onerec.pipeline import main as pipeline_main
+    from onerec.stages.baseline import main as sasrec_main
+    from onerec.stages.pipeline import main as pipeline_main
 
     started = time.perf_counter()
     if args.skip_pipeline:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
-    from onerec.align.reward_stage import main as reward_main
+    from onerec.stages.reward import main as reward_main
 
     started = time.perf_counter()
     reward = reward_main(cfg)

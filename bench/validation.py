@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from onerec.data.splits import make_splits
-from onerec.data.stage import load_prepared
+from onerec.data.prepared import load_prepared
+from onerec.data.splits import make_splits, validation_subset
 from onerec.export import load_export
 from onerec.inference.evaluate import evaluate_examples
 from onerec.paths import RunPaths
-from onerec.train.pretrain import validation_subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import device_name  # noqa: E402  (same folder, same device naming)

@@ -15,6 +15,8 @@
 #
 # Env knobs:
 #   STAGE           onerec command to run (default pretrain, the one distributed stage)
+#   ENTRY           a Python script the workers run instead of the onerec CLI, given
+#                   "$STAGE" and the arguments (e.g. your own driver around onerec.stages)
 #   NPROC_PER_NODE  processes per node (default: the node's GPU count, 1 without a GPU)
 #   NNODES          number of nodes (default 1)
 #   NODE_RANK       this node's rank for a static rendezvous (default 0)
@@ -52,4 +54,7 @@ fi
 
 onerec_stage_args "$@"
 set -x
+if [[ -n "${ENTRY:-}" ]]; then
+    exec "$TORCHRUN" "${args[@]}" "$ENTRY" "$STAGE" "${ONEREC_ARGS[@]}"
+fi
 exec "$TORCHRUN" "${args[@]}" -m onerec.cli "$STAGE" "${ONEREC_ARGS[@]}"

@@ -1,7 +1,12 @@
-"""`onerec <command>`: data, tokenize, pretrain, reward, dpo, evaluate, baseline, recommend, pipeline.
+"""`onerec <command>`: one sub-command per row of the stage table (onerec/stages/__init__.py).
 
-Stage commands take `--config FILE` and any number of `key=value` overrides
-(e.g. `train.lr=3e-4 run.out_dir=runs/x`), applied after the file.
+Commands that read a config take `--config FILE` and any number of `key=value` overrides
+(e.g. `train.lr=3e-4 run.out_dir=runs/x`), applied after the file. `onerec config` prints
+the resolved config and exits; `onerec --version` prints the version.
+
+Exit codes: 0 done; 2 a user error (bad config or input, a missing earlier stage, a damaged
+checkpoint) with a one-line message; anything else is a bug and shows its traceback
+(ONEREC_DEBUG=1 shows it for user errors too).
 """
 
 from __future__ import annotations
@@ -10,55 +15,46 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
-from onerec.config import ConfigError, RootConfig, load_config
+from onerec import __version__
+from onerec.config import ConfigError, load_config
 from onerec.logging import setup_console
-
-STAGES = ("data", "tokenize", "pretrain", "reward", "dpo", "evaluate", "baseline", "pipeline")
-
-
-def _stage_main(name: str) -> Callable[[RootConfig], object]:
-    if name == "data":
-        from onerec.data.stage import main
-    elif name == "tokenize":
-        from onerec.tokenizer.stage import main
-    elif name == "pretrain":
-        from onerec.train.pretrain import main
-    elif name == "reward":
-        from onerec.align.reward_stage import main
-    elif name == "dpo":
-        from onerec.align.dpo_stage import main
-    elif name == "evaluate":
-        from onerec.inference.stage import main
-    elif name == "baseline":
-        from onerec.baselines.stage import main
-    else:
-        from onerec.pipeline import main
-    return main
+from onerec.stages import STAGES, BY_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in STAGES:
-        sub = commands.add_parser(name, help=f"run the {name} stage" if name != "pipeline" else "run every stage")
+    parser.add_argument("--version", action="version", version=f"onerec {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for stage in STAGES:
+        sub = commands.add_parser(stage.name, help=stage.summary, description=stage.summary)
+        if not stage.takes_config:
+            stage.load().add_arguments(sub)
+            continue
         sub.add_argument("--config", help="YAML config (only differences from the defaults)")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
-        if name in ("pretrain", "pipeline"):
+        if stage.resumable:
             sub.add_argument(
                 "--resume",
                 nargs="?",
                 const="auto",
                 help="resume training: 'auto' (latest valid checkpoint, the default) or a checkpoint directory",
             )
-    rec = commands.add_parser("recommend", help="top-K items for a history, from a model export")
-    rec.add_argument("--model", required=True, help="export directory, e.g. runs/demo/pretrain/export")
-    rec.add_argument("--history", required=True, help='raw item ids, oldest first, e.g. "50 172 133"')
-    rec.add_argument("--top-k", type=int, default=10)
-    rec.add_argument("--beam-width", type=int, default=20)
-    rec.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return parser
+
+
+def run(args: argparse.Namespace) -> object:
+    """Run the parsed command: check its inputs first, then import and call its module."""
+    stage = BY_NAME[args.command]
+    if not stage.takes_config:
+        return stage.load().main(args)
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    stage.check_inputs(cfg)  # before the module's imports and any distributed start-up
+    return stage.load().main(cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -68,16 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args.command == "recommend":
-            from onerec.inference.recommend import main as recommend_main
-
-            recommend_main(args.model, args.history, args.top_k, args.beam_width, args.device)
-            return 0
-        overrides = list(args.overrides)
-        if getattr(args, "resume", None):
-            overrides.append(f"train.resume={args.resume}")
-        cfg = load_config(args.config, overrides)
-        _stage_main(args.command)(cfg)
+        run(args)
         return 0
     except Exception as err:
         if not _is_user_error(err) or os.environ.get("ONEREC_DEBUG") == "1":  # full traceback for bug reports

@@ -63,3 +63,17 @@ class RunPaths:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run `onerec {producer}` with the same run.out_dir first")
         return path
+
+
+def save_resolved_config(cfg) -> Path:
+    """Write the resolved config to <out>/config.yaml (atomically): what this run was told."""
+    from omegaconf import OmegaConf
+
+    from onerec.config import to_dict
+
+    paths = RunPaths.of(cfg.run.out_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = paths.resolved_config.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))), encoding="utf-8")
+    tmp.replace(paths.resolved_config)
+    return paths.resolved_config

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from onerec.align.dpo import dpo_loss, select_pairs, session_log_prob
-from onerec.align.reward_stage import RewardScorer
+from onerec.align.reward_scorer import RewardScorer
 from onerec.config import AlignConfig
 from onerec.inference.beam_search import constrained_beam_search, generate_sessions
 from onerec.inference.metrics import MetricAccumulator

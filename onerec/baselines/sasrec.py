@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from onerec.config import SASRecConfig
+from onerec.inference.metrics import MetricAccumulator
 from onerec.model.layers import EncoderLayer
 
 
@@ -113,3 +114,25 @@ def load_item_vectors(weights_path: Path, num_items: int) -> torch.Tensor:
             f"{num_items} items plus padding; it was trained on other data: re-run `onerec baseline`"
         )
     return table[1:].float()
+
+
+def evaluate_sasrec(
+    model: SASRec,
+    history_BS: np.ndarray,
+    target_B: np.ndarray,
+    ks: list[int],
+    batch_size: int,
+    device,
+    exclude_history: bool = False,
+) -> dict[str, float]:
+    accumulator = MetricAccumulator(ks)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(target_B), batch_size):
+            history = torch.as_tensor(history_BS[start : start + batch_size], device=device)
+            ranked = model.top_k(history, accumulator.ks[-1], exclude_history)
+            accumulator.update(ranked.cpu(), torch.as_tensor(target_B[start : start + batch_size]))
+    finally:
+        model.train(was_training)
+    return accumulator.compute()

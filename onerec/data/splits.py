@@ -139,3 +139,11 @@ def training_item_counts(seqs: UserSequences, cfg: DataConfig, num_items: int) -
     position = np.arange(len(seqs.items)) - np.repeat(seqs.offsets[:-1], seqs.lengths())
     in_train = position < np.repeat(train_len, seqs.lengths())
     return np.bincount(seqs.items[in_train], minlength=num_items)
+
+
+def validation_subset(num_users: int, max_users: int, seed: int) -> np.ndarray:
+    """A fixed random subset of validation rows for cheap in-training evaluation (all when max_users <= 0)."""
+    if max_users <= 0 or num_users <= max_users:
+        return np.arange(num_users)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_users, size=max_users, replace=False))

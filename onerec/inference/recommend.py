@@ -1,14 +1,12 @@
-"""`onerec recommend`: top-K items for a history of raw item ids, from a model export."""
+"""Top-K items for a history of raw item ids, from a model export (the library behind `onerec recommend`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from onerec.distributed.deepspeed import resolve_device
-from onerec.export import ExportedModel, load_export
+from onerec.export import ExportedModel
 from onerec.inference.beam_search import constrained_beam_search
 from onerec.model.onerec import lookup_codes
 
@@ -73,15 +71,4 @@ def recommend(
         if item < 0 or len(results) == top_k:
             break
         results.append(Recommendation(rank + 1, exported.raw_ids[item], exported.titles[item], score))
-    return results
-
-
-def main(model_dir: str, history: str, top_k: int, beam_width: int, device: str) -> list[Recommendation]:
-    exported = load_export(Path(model_dir), resolve_device(device))
-    with torch.inference_mode():
-        results = recommend(exported, history.split(), top_k, beam_width)
-    width = max((len(r.raw_id) for r in results), default=4)
-    print(f"{'rank':>4}  {'item':<{width}}  {'log-prob':>9}  title")
-    for r in results:
-        print(f"{r.rank:>4}  {r.raw_id:<{width}}  {r.score:>9.3f}  {r.title}")
     return results

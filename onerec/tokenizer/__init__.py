@@ -1,6 +1,6 @@
 """Semantic-ID tokenizer: item text -> embeddings -> balanced residual k-means -> dedup -> trie.
 
-The stage entry point is `onerec.tokenizer.stage.main` (not imported here: it pulls in `datasets`).
+The `onerec tokenize` command is onerec/stages/tokenize.py.
 """
 
 from onerec.tokenizer.embed import embed_features, embed_texts

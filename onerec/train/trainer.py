@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import signal
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -65,22 +63,37 @@ StepFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 # () -> validation metrics (every rank calls it; it returns the same numbers everywhere)
 EvalFn = Callable[[], dict[str, float]]
 
-# Fault injection for recovery tests: "RANK:STEP" makes that rank SIGKILL itself right after
-# the update of STEP, on the first attempt only (torchrun counts restarts in
-# TORCHELASTIC_RESTART_COUNT), so a job run with --max-restarts must come back by itself.
-FAULT_ENV = "ONEREC_FAULT_SIGKILL"
+# Called with the step number once a step is complete (update, logging, evaluation and
+# checkpoint); tests use it to
+# inject faults, e.g. a rank that SIGKILLs itself mid-run (tests/distributed).
+AfterStepFn = Callable[[int], None]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Too many steps in a row with a NaN/inf loss or gradient: skipping them will not help."""
 
 
-def _fault_step(rank: int) -> Optional[int]:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    fault_rank, _, fault_step = spec.partition(":")
-    return int(fault_step) if int(fault_rank) == rank else None
+@dataclass
+class TrainState:
+    """The loop's own counters: everything besides weights, optimizer, scheduler and RNG that
+    a checkpoint must hold for a resumed run to continue exactly where it stopped."""
+
+    step: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "TrainState":
+        """Read from a checkpoint's train state; counters added since it was written start at 0."""
+        defaults = cls()
+        return cls(**{f.name: type(getattr(defaults, f.name))(saved.get(f.name, getattr(defaults, f.name)))
+                      for f in fields(cls)})
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -133,6 +146,7 @@ class Trainer:
         seed: int,
         eval_fn: Optional[EvalFn] = None,
         select_metric: str = "ndcg@10",
+        after_step: Optional[AfterStepFn] = None,
     ) -> None:
         if num_examples == 0:
             raise ValueError("no training examples: check the data split and data.min_user_interactions")
@@ -173,13 +187,8 @@ class Trainer:
         # each rank different experts. Then every rank checkpoints its own.
         self.optimizer_per_rank = cfg.zero_stage > 0 or self.expert_parallel
 
-        self.step = 0
-        self.best_metric = -math.inf
-        self.best_step = -1
-        self.evals_without_improvement = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
-        self._fault_step = _fault_step(dist_info.rank)
+        self.state = TrainState()
+        self.after_step = after_step
 
     # ----------------------------------------------------------------- state
     def _gather_rng(self, state_X: torch.Tensor) -> torch.Tensor:
@@ -197,12 +206,7 @@ class Trainer:
 
     def _train_state(self) -> dict[str, Any]:
         state = {
-            "step": self.step,
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "evals_without_improvement": self.evals_without_improvement,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "nonfinite_total": self.nonfinite_total,
+            **self.state.to_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "torch_rng_per_rank": self._gather_rng(torch.get_rng_state()),
@@ -247,13 +251,8 @@ class Trainer:
         torch.set_rng_state(self._rank_rng(state, "torch_rng"))
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(self._rank_rng(state, "cuda_rng"))
-        self.step = int(state["step"])
-        self.best_metric = float(state["best_metric"])
-        self.best_step = int(state["best_step"])
-        self.evals_without_improvement = int(state["evals_without_improvement"])
-        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        log.info("resumed from %s at step %d", path, self.step)
+        self.state = TrainState.from_dict(state)
+        log.info("resumed from %s at step %d", path, self.state.step)
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
@@ -265,18 +264,18 @@ class Trainer:
         train_state = self._train_state()  # collective: it gathers the per-rank RNG states
         weights = self._full_weights()  # collective under expert parallelism
         # Every rank holds the same full weights, so all refuse a poisoned state together.
-        check_finite(weights, f"checkpoint step {self.step} to {directory}")
+        check_finite(weights, f"checkpoint step {self.state.step} to {directory}")
         if self.dist.is_main:
-            begin_checkpoint(directory, self.step)
+            begin_checkpoint(directory, self.state.step)
         self._barrier()
-        staging = staging_dir(directory, self.step)
+        staging = staging_dir(directory, self.state.step)
         if self.optimizer_per_rank:
             write_rank_state(staging, self.dist.rank, {"optimizer": self.optimizer.state_dict()})
         self._barrier()
         if self.dist.is_main:
             finish_checkpoint(
                 staging,
-                self.step,
+                self.state.step,
                 weights,
                 train_state,
                 self.config_dict,
@@ -316,16 +315,16 @@ class Trainer:
             # LambdaLR warns when it steps before the optimizer ever has (a skipped first step).
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
+        self.state.nonfinite_in_a_row += 1
+        self.state.nonfinite_total += 1
         log.warning(
             "step %d: non-finite %s (%s), update skipped (%d in a row, %d in this run)",
-            self.step + 1, what, value, self.nonfinite_in_a_row, self.nonfinite_total,
+            self.state.step + 1, what, value, self.state.nonfinite_in_a_row, self.state.nonfinite_total,
         )
-        if self.nonfinite_in_a_row > self.cfg.max_nonfinite_steps:
-            first = self.step + 2 - self.nonfinite_in_a_row
+        if self.state.nonfinite_in_a_row > self.cfg.max_nonfinite_steps:
+            first = self.state.step + 2 - self.state.nonfinite_in_a_row
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} steps in a row (steps {first}-{self.step + 1}) had a non-finite "
+                f"{self.state.nonfinite_in_a_row} steps in a row (steps {first}-{self.state.step + 1}) had a non-finite "
                 f"loss or gradient, more than train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}: "
                 "lower train.lr, check the data, or resume from the last checkpoint "
                 f"in {self.stage_dir / 'checkpoints'} (none was written from the bad steps)"
@@ -349,21 +348,21 @@ class Trainer:
         metrics = self.eval_fn()
         self.model.train()
         value = metrics[self.select_metric]
-        self.logger.log({f"valid/{k}": v for k, v in metrics.items()}, self.step)
-        if value > self.best_metric:
-            self.best_metric, self.best_step = value, self.step
-            self.evals_without_improvement = 0
+        self.logger.log({f"valid/{k}": v for k, v in metrics.items()}, self.state.step)
+        if value > self.state.best_metric:
+            self.state.best_metric, self.state.best_step = value, self.state.step
+            self.state.evals_without_improvement = 0
             if self.expert_parallel or self.dist.is_main:  # gathering experts takes every rank
                 full_state = self._full_weights()
             if self.dist.is_main:
                 save_weights(self.model, self.stage_dir / BEST_WEIGHTS, full_state)
         else:
-            self.evals_without_improvement += 1
+            self.state.evals_without_improvement += 1
         log.info(
             "step %d: valid %s=%.4f (best %.4f at step %d)",
-            self.step, self.select_metric, value, self.best_metric, self.best_step,
+            self.state.step, self.select_metric, value, self.state.best_metric, self.state.best_step,
         )
-        return self.cfg.patience > 0 and self.evals_without_improvement >= self.cfg.patience
+        return self.cfg.patience > 0 and self.state.evals_without_improvement >= self.cfg.patience
 
     def fit(self) -> FitResult:
         resume_from = resolve_resume(self.cfg.resume, self.stage_dir / "checkpoints")
@@ -374,13 +373,13 @@ class Trainer:
         window_start, window_samples = time.perf_counter(), 0
         bar = tqdm(
             total=self.total_steps,
-            initial=self.step,
+            initial=self.state.step,
             desc="train",
             disable=not self.dist.is_main or progress_disabled(),
             dynamic_ncols=True,
         )
-        batches = self._batches_from(self.step)
-        while self.step < self.total_steps:
+        batches = self._batches_from(self.state.step)
+        while self.state.step < self.total_steps:
             indices = next(batches)
             with torch.autocast(
                 self.dist.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
@@ -397,43 +396,42 @@ class Trainer:
                     self._skip_step("gradient", loss_value)
                 else:
                     self.engine.step()
-                    self.nonfinite_in_a_row = 0
-            self.step += 1
-            if self.step == self._fault_step:
-                log.warning("%s: rank %d kills itself after step %d", FAULT_ENV, self.dist.rank, self.step)
-                os.kill(os.getpid(), signal.SIGKILL)
+                    self.state.nonfinite_in_a_row = 0
+            self.state.step += 1
             window_samples += len(indices) * self.dist.world_size
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
 
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            if self.state.step % self.cfg.log_every == 0 or self.state.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 self.logger.log(
                     {
                         "loss": loss_value,
                         **scalars,
                         "lr": self.scheduler.get_last_lr()[0],
-                        "epoch": self.step / self.steps_per_epoch,
+                        "epoch": self.state.step / self.steps_per_epoch,
                         "samples_per_s": window_samples / max(elapsed, 1e-9),
-                        "nonfinite_steps": self.nonfinite_total,
+                        "nonfinite_steps": self.state.nonfinite_total,
                     },
-                    self.step,
+                    self.state.step,
                 )
                 window_start, window_samples = time.perf_counter(), 0
-            at_end = self.step == self.total_steps
-            if self.step % self.cfg.eval_every == 0 or at_end:
+            at_end = self.state.step == self.total_steps
+            if self.state.step % self.cfg.eval_every == 0 or at_end:
                 stopped_early = self._evaluate()
-            if self.step % self.cfg.checkpoint_every == 0 or at_end or stopped_early:
+            if self.state.step % self.cfg.checkpoint_every == 0 or at_end or stopped_early:
                 self._checkpoint()
+            if self.after_step is not None:
+                self.after_step(self.state.step)
             if stopped_early:
-                log.info("early stopping at step %d: no improvement in %d evaluations", self.step, self.cfg.patience)
+                log.info("early stopping at step %d: no improvement in %d evaluations", self.state.step, self.cfg.patience)
                 break
         bar.close()
         best = self.stage_dir / BEST_WEIGHTS
         return FitResult(
-            steps=self.step,
-            best_step=self.best_step,
-            best_metric=self.best_metric,
+            steps=self.state.step,
+            best_step=self.state.best_step,
+            best_metric=self.state.best_metric,
             stopped_early=stopped_early,
             best_weights=best if best.is_file() else None,
         )

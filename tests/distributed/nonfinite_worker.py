@@ -48,7 +48,7 @@ def main(out: Path, bad_rank: int, bad_step: int) -> None:
     logger.close()
     (out / f"rank{dist_info.rank}.json").write_text(json.dumps({
         "steps": result.steps,
-        "nonfinite_total": trainer.nonfinite_total,
+        "nonfinite_total": trainer.state.nonfinite_total,
         "weights": [p.detach().flatten().tolist() for p in model.parameters()],
     }))
 

@@ -13,6 +13,7 @@ from distributed_helpers import (
 )
 
 TORCHRUN_SH = str(REPO / "launch" / "torchrun.sh")
+SIGKILL_WORKER = REPO / "tests" / "distributed" / "sigkill_worker.py"
 TIMEOUT_S = 600  # generous: a first run on a fresh machine also compiles DeepSpeed's CPU comm op
 STEPS_PER_EPOCH_2_RANKS = 19  # ceil(300 training examples / (8 per rank x 2 ranks))
 
@@ -54,7 +55,7 @@ def _kill_restart_and_compare(out, overrides, reference):
     # Rank 1 SIGKILLs itself right after step 5 on the first attempt; the newest checkpoint
     # then is step 3, so the restarted job must replay steps 4 and 5 exactly.
     run_logged([TORCHRUN_SH, *overrides], log, TIMEOUT_S,
-               process_env(NPROC_PER_NODE="2", MAX_RESTARTS="1", ONEREC_FAULT_SIGKILL="1:5"))
+               process_env(NPROC_PER_NODE="2", MAX_RESTARTS="1", ENTRY=str(SIGKILL_WORKER), SIGKILL_AT="1:5"))
     text = log.read_text()
     assert "rank 1 kills itself after step 5" in text
     assert "exitcode: -9" in text  # torchrun saw the SIGKILL...

@@ -119,7 +119,7 @@ def test_a_round_that_costs_recall_is_rejected_and_the_previous_model_exported(a
     import torch
     from safetensors.torch import load_file
 
-    import onerec.align.dpo_stage as dpo_stage
+    import onerec.stages.dpo as dpo_stage
 
     run = tmp_path / "run"
     shutil.copytree(aligned_run, run, ignore=shutil.ignore_patterns("dpo"))

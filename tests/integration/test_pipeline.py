@@ -200,3 +200,32 @@ def test_semantic_ids_from_sasrec_vectors_train_the_baseline_first_and_the_bench
     assert result["sasrec_in_pipeline"] and result["sasrec"]["test"] == baseline["test"]
     assert result["seconds"]["sasrec"] == baseline["wall_seconds"]  # reused, not trained again
     assert "(part of the pipeline's time)" in (tmp_path / "results" / "quality_tiny.md").read_text()
+
+
+def test_launch_pipeline_script_runs_the_stage_tables_stages_and_skips_finished_ones(tmp_path):
+    """launch/pipeline.sh follows `onerec plan`: with a SASRec source it runs the baseline
+    stage before tokenize, exactly as `onerec pipeline` does; a rerun skips every stage."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    _write_log(tmp_path / "raw")
+    overrides = _overrides(tmp_path) + [
+        "tokenizer.collaborative_weight=0.5",
+        "tokenizer.collaborative_source=sasrec",
+        "train.max_steps=4",
+        "sasrec.max_epochs=1",
+    ]
+    env = dict(os.environ, LAUNCHER="none", ONEREC_VENV=str(Path(sys.executable).parent.parent),
+               ONEREC_NO_PROGRESS="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    script = [str(repo / "launch" / "pipeline.sh"), *overrides]
+    first = subprocess.run(script, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    ran = [line.split("== ")[1].rstrip(" =") for line in first.stdout.splitlines() if line.startswith("pipeline: == ")]
+    assert ran == ["data", "baseline", "tokenize", "pretrain", "evaluate"]
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    again = subprocess.run(script, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already done") == 5

@@ -68,8 +68,8 @@ def test_rejects_a_history_longer_than_max_len():
 
 def test_baseline_stage_writes_valid_and_test_metrics(tmp_path):
     from onerec.config import load_config
-    from onerec.data.stage import main as data_main
-    from onerec.baselines.stage import main as baseline_main
+    from onerec.stages.data import main as data_main
+    from onerec.stages.baseline import main as baseline_main
 
     rng = np.random.default_rng(0)
     lines = ["user_id,item_id,timestamp"]

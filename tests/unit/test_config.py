@@ -80,7 +80,7 @@ def test_round_trip_through_dict():
 
 
 def test_alignment_without_a_reward_model_is_refused_before_any_work(tmp_path):
-    from onerec.pipeline import main as pipeline_main
+    from onerec.stages.pipeline import main as pipeline_main
 
     cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "align.enabled=true"])
     with pytest.raises(ValueError, match="reward.enabled"):

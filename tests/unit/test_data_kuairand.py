@@ -9,9 +9,9 @@ import pytest
 
 from onerec.config import load_config
 from onerec.data.errors import DataError
-from onerec.data.stage import load_prepared
-from onerec.data.stage import main as data_main
-from onerec.tokenizer.stage import main as tokenize_main
+from onerec.data.prepared import load_prepared
+from onerec.stages.data import main as data_main
+from onerec.stages.tokenize import main as tokenize_main
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

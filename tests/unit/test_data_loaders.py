@@ -10,8 +10,9 @@ from onerec.config import DataConfig, load_config
 from onerec.data.build import build_tables
 from onerec.data.errors import BadRows
 from onerec.data.fetch import RECBOLE_MEMBERS, extract_from_recbole_wheel, is_fetched
-from onerec.data.stage import load_prepared, load_raw
-from onerec.data.stage import main as data_main
+from onerec.data.prepared import load_prepared
+from onerec.data.sources import load_raw
+from onerec.stages.data import main as data_main
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

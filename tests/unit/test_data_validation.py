@@ -8,8 +8,8 @@ import pytest
 from onerec.config import DataConfig, load_config
 from onerec.data.build import build_tables
 from onerec.data.errors import BadRows, DataError
-from onerec.data.stage import load_raw
-from onerec.data.stage import main as data_main
+from onerec.data.sources import load_raw
+from onerec.stages.data import main as data_main
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 ITEMS = "item_id:token\tmovie_title:token_seq\n1\tA\n2\tB\n3\tC\n"

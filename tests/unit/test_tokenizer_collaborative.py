@@ -9,11 +9,13 @@ from safetensors.torch import save_file
 
 from onerec.baselines.sasrec import load_item_vectors
 from onerec.config import ConfigError, load_config
+from onerec.data.prepared import load_prepared
 from onerec.data.splits import UserSequences
-from onerec.data.stage import load_prepared, main as data_main
+from onerec.stages.data import main as data_main
+from onerec.stages.tokenize import main as tokenize_main
 from onerec.tokenizer.collaborative import blend, cooccurrence_pairs, ppmi_svd_vectors
+from onerec.tokenizer.item_vectors import blend_collaborative
 from onerec.tokenizer.semantic_ids import SemanticIds
-from onerec.tokenizer.stage import _blend_collaborative, main as tokenize_main
 
 
 def _sequences(per_user: list[list[int]]) -> UserSequences:
@@ -168,11 +170,11 @@ def test_both_sources_count_equally_in_the_squared_distances(tmp_path):
     base = _block_config(tmp_path) + ["tokenizer.collaborative_weight=1.0"]
     data_main(load_config(None, base))
     sequences = load_prepared(tmp_path / "run" / "data").sequences
-    _write_sasrec_weights(tmp_path / "run" / "baselines" / "sasrec" / "model.safetensors", torch.randn(16, 5))
+    sasrec_NC = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
 
     def squared_distances(source: str) -> torch.Tensor:
         cfg = load_config(None, base + [f"tokenizer.collaborative_source={source}"])
-        vectors = _blend_collaborative(torch.zeros(16, 3), cfg, sequences)  # weight 1: content part is zero
+        vectors = blend_collaborative(torch.zeros(16, 3), cfg, sequences, sasrec_NC)  # weight 1: content part is zero
         return torch.cdist(vectors, vectors).pow(2)
 
     both = squared_distances("cooccurrence+sasrec")

@@ -9,7 +9,7 @@ import torch
 from onerec.config import RQVAEConfig, load_config
 from onerec.tokenizer.rq_vae import RQVAE, _restart_dead_codes, train_rq_vae
 from onerec.tokenizer.semantic_ids import SemanticIds
-from onerec.tokenizer.stage import main as tokenize_main
+from onerec.stages.tokenize import main as tokenize_main
 
 SMALL = RQVAEConfig(hidden_dims=[32], latent_dim=8, epochs=40, batch_size=64, lr=3e-3, restart_every=5)
 

@@ -9,10 +9,11 @@ import torch
 
 from onerec.config import ConfigError, load_config
 from onerec.data.splits import training_item_counts
-from onerec.data.stage import load_prepared, main as data_main
+from onerec.data.prepared import load_prepared
+from onerec.stages.data import main as data_main
 from onerec.tokenizer import embed as embed_module
 from onerec.tokenizer.semantic_ids import SemanticIds
-from onerec.tokenizer.stage import main
+from onerec.stages.tokenize import main
 from onerec.tokenizer.trie import build_trie
 
 WORDS = ["lipstick", "gloss", "shampoo", "conditioner", "serum", "mascara", "brush", "soap", "lotion", "nail"]

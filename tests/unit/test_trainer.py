@@ -18,7 +18,7 @@ from onerec.checkpoint import (
 from onerec.config import ConfigError, LoggingConfig, TrainConfig
 from onerec.distributed.deepspeed import init_distributed
 from onerec.logging import RunLogger
-from onerec.train.trainer import NonFiniteLossError, Trainer, epoch_batches, warmup_cosine
+from onerec.train.trainer import NonFiniteLossError, Trainer, TrainState, epoch_batches, warmup_cosine
 
 NUM_EXAMPLES = 96
 
@@ -39,7 +39,7 @@ def _data():
 
 
 def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12, poison=None, max_nonfinite_steps=20,
-           seen=None, zero_stage=0):
+           seen=None, zero_stage=0, after_step=None, trainers=None):
     """`poison(call)` -> None | "loss" (a NaN loss) | "grad" (a finite loss with NaN gradients);
     `seen` collects a copy of the weights at each call."""
     dist_info = init_distributed("cpu")
@@ -74,7 +74,10 @@ def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12, poison=N
         zero_stage=zero_stage,
     )
     logger = RunLogger(LoggingConfig(), stage_dir, "test", {}, rank=0)
-    trainer = Trainer(cfg, model, NUM_EXAMPLES, step_fn, stage_dir, dist_info, logger, {}, seed=3, eval_fn=eval_fn)
+    trainer = Trainer(cfg, model, NUM_EXAMPLES, step_fn, stage_dir, dist_info, logger, {}, seed=3, eval_fn=eval_fn,
+                      after_step=after_step)
+    if trainers is not None:
+        trainers.append(trainer)
     try:
         return trainer.fit(), model
     finally:
@@ -208,3 +211,25 @@ def test_warmup_cosine_schedule_shape():
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(100) == pytest.approx(0.1)
+
+
+def test_train_state_round_trips_and_reads_checkpoints_written_before_a_counter_existed():
+    state = TrainState(step=7, best_metric=0.25, best_step=4, evals_without_improvement=1,
+                       nonfinite_in_a_row=2, nonfinite_total=3)
+    assert TrainState.from_dict(state.to_dict()) == state
+    older = {k: v for k, v in state.to_dict().items() if not k.startswith("nonfinite")}
+    assert TrainState.from_dict(older) == TrainState(step=7, best_metric=0.25, best_step=4, evals_without_improvement=1)
+
+
+def test_after_step_sees_every_finished_step_and_a_resume_restores_the_whole_train_state(tmp_path):
+    steps, trainers = [], []
+    _train(tmp_path, max_steps=8, after_step=steps.append, trainers=trainers)
+    assert steps == list(range(1, 9))  # called once per step, after its checkpoint (4, 8)
+    finished = trainers[0].state
+    assert finished.step == 8 and finished.best_step in (4, 8)
+
+    resumed_steps = []
+    _train(tmp_path, resume=str(tmp_path / "checkpoints" / "step_00000004"), max_steps=8,
+           after_step=resumed_steps.append, trainers=trainers)
+    assert resumed_steps == [5, 6, 7, 8]  # the resumed run starts after the checkpoint's step
+    assert trainers[1].state == finished  # same counters, best metric and best step at the end

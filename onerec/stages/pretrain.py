@@ -1,4 +1,4 @@
-"""Stage `pretrain`: next-token training of the encoder-decoder on users' next sessions.
+"""`onerec pretrain`: next-token training of the encoder-decoder on users' next sessions.
 
 Reads <out>/data and <out>/semantic_ids, writes <out>/pretrain/{checkpoints, best, export}.
 The export is built from the best validation checkpoint (NDCG@10), as the protocol asks.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
 import torch
 
 from onerec.config import RootConfig, to_dict
-from onerec.data.splits import make_splits
-from onerec.data.stage import load_prepared
+from onerec.data.prepared import load_prepared
+from onerec.data.splits import make_splits, validation_subset
 from onerec.distributed.deepspeed import init_distributed
 from onerec.distributed.expert_parallel import apply_expert_parallel
 from onerec.export import build_model, export_model
@@ -31,20 +31,13 @@ from onerec.paths import RunPaths
 from onerec.tokenizer.semantic_ids import SemanticIds
 from onerec.tokenizer.trie import build_trie
 from onerec.train.losses import next_token_loss
-from onerec.train.trainer import Trainer
+from onerec.train.trainer import AfterStepFn, Trainer
 
 log = logging.getLogger("onerec.pretrain")
 
 
-def validation_subset(num_users: int, max_users: int, seed: int) -> np.ndarray:
-    """A fixed random subset of validation rows for cheap in-training evaluation (all when max_users <= 0)."""
-    if max_users <= 0 or num_users <= max_users:
-        return np.arange(num_users)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(num_users, size=max_users, replace=False))
-
-
-def main(cfg: RootConfig) -> Path:
+def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
+    """after_step: called with each finished step's number (tests inject faults with it)."""
     paths = RunPaths.of(cfg.run.out_dir)
     dist_info = init_distributed(cfg.run.device)
     device = dist_info.device
@@ -133,6 +126,7 @@ def main(cfg: RootConfig) -> Path:
             config_dict=config_dict,
             seed=cfg.run.seed,
             eval_fn=eval_fn,
+            after_step=after_step,
         )
         result = trainer.fit()
         run_logger.summary({"best_valid_ndcg@10": result.best_metric, "best_step": result.best_step})

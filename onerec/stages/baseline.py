@@ -1,4 +1,4 @@
-"""Stage `baseline`: SASRec trained and evaluated on the run's own data and split.
+"""`onerec baseline`: SASRec trained and evaluated on the run's own data and split.
 
 It reads <out>/data (the `data` stage), trains on every user's training part, selects the
 epoch by validation NDCG@10 (early stopping), then scores the test split once with the
@@ -14,43 +14,19 @@ import copy
 import logging
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onerec.baselines.sasrec import WEIGHTS_FILE, SASRec, sequence_loss, training_sequences
+from onerec.baselines.sasrec import WEIGHTS_FILE, SASRec, evaluate_sasrec, sequence_loss, training_sequences
 from onerec.checkpoint import save_weights
 from onerec.config import RootConfig, to_dict
+from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits, training_lengths
-from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
-from onerec.inference.metrics import MetricAccumulator
 from onerec.logging import RunLogger, progress_disabled, write_json_atomic
 from onerec.paths import RunPaths
 
 log = logging.getLogger("onerec.baseline")
-
-
-def evaluate_sasrec(
-    model: SASRec,
-    history_BS: np.ndarray,
-    target_B: np.ndarray,
-    ks: list[int],
-    batch_size: int,
-    device,
-    exclude_history: bool = False,
-) -> dict[str, float]:
-    accumulator = MetricAccumulator(ks)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(target_B), batch_size):
-            history = torch.as_tensor(history_BS[start : start + batch_size], device=device)
-            ranked = model.top_k(history, accumulator.ks[-1], exclude_history)
-            accumulator.update(ranked.cpu(), torch.as_tensor(target_B[start : start + batch_size]))
-    finally:
-        model.train(was_training)
-    return accumulator.compute()
 
 
 def main(cfg: RootConfig) -> dict:

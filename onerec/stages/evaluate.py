@@ -1,4 +1,4 @@
-"""Stage `evaluate`: validation and test Recall/NDCG@K of the exported model, beside a
+"""`onerec evaluate`: validation and test Recall/NDCG@K of the exported model, beside a
 popularity baseline computed in the same run, written to <out>/metrics.json.
 
 With align.enabled the evaluated model is the aligned one (<out>/dpo/export); the pretrained
@@ -17,8 +17,8 @@ import time
 import torch
 
 from onerec.config import RootConfig
+from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits, training_item_counts
-from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
 from onerec.export import load_export
 from onerec.inference.evaluate import evaluate_examples, evaluate_popularity

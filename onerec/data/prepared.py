@@ -1,18 +1,17 @@
-"""Stage `data`: raw files -> validated, dense-id Arrow tables in <out>/data/.
+"""The prepared data directory that the `data` stage writes and every later stage reads.
 
     data/items/         item_index, raw_id, title, text (+ features) (HF datasets, save_to_disk)
     data/interactions/  user_index, item_index, order, feedback (sorted by user, then time)
     data/users/         user_index, raw_id
     data/meta.json      counts, skipped bad rows by reason, format
 
-Everything is written into a temporary sibling directory and renamed into place only
-when complete, so a failed run leaves an earlier good data/ untouched.
+`write_prepared` fills a temporary sibling directory and renames it into place only when
+complete, so a failed run leaves an earlier good data/ untouched.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,56 +19,28 @@ from pathlib import Path
 
 import datasets
 
-from onerec.config import DataConfig, RootConfig
-from onerec.data.amazon import load_amazon2014, load_amazon2018
-from onerec.data.build import build_tables
-from onerec.data.errors import BadRows
-from onerec.data.fetch import fetch_movielens
-from onerec.data.generic import load_generic
-from onerec.data.kuairand import load_kuairand
-from onerec.data.movielens import load_movielens
-from onerec.data.schema import RawLog
+from onerec.data.build import Tables
 from onerec.data.splits import UserSequences
-from onerec.logging import progress_disabled
-from onerec.paths import RunPaths
 
-log = logging.getLogger("onerec.data")
+TABLES = ("items", "interactions", "users")
 
 
-def load_raw(cfg: DataConfig, bad: BadRows) -> RawLog:
-    if cfg.format == "movielens" and not cfg.root:
-        root = fetch_movielens(Path(cfg.cache_dir))
-    elif not cfg.root:
-        raise ValueError(f"data.root is empty: point it at the folder with the {cfg.format} files")
-    else:
-        root = Path(cfg.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root={cfg.root}: no such directory")
-    if cfg.format == "movielens":
-        return load_movielens(root, bad)
-    if cfg.format == "amazon2014":
-        return load_amazon2014(root, bad)
-    if cfg.format == "amazon2018":
-        return load_amazon2018(root, bad)
-    if cfg.format == "kuairand":
-        return load_kuairand(root, bad)
-    return load_generic(root, cfg, bad)
+@dataclass
+class PreparedData:
+    items: datasets.Dataset
+    interactions: datasets.Dataset
+    sequences: UserSequences
+    meta: dict
 
 
-def main(cfg: RootConfig) -> Path:
-    if progress_disabled():
-        datasets.disable_progress_bars()
-    paths = RunPaths.of(cfg.run.out_dir)
-    bad = BadRows(cfg.data.on_bad_rows)
-    raw = load_raw(cfg.data, bad)
-    tables = build_tables(raw, cfg.data, bad)
-    bad.log_summary()
-    target = paths.data
+def write_prepared(tables: Tables, target: Path) -> Path:
+    """Write the three tables and meta.json to `target` atomically (temporary dir + rename)."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for name in ("items", "interactions", "users"):
+        for name in TABLES:
             # lists and 2-D arrays (item feature vectors) go in as one list per row
             table = {k: list(v) if isinstance(v, list) or getattr(v, "ndim", 1) > 1 else v
                      for k, v in getattr(tables, name).items()}
@@ -80,17 +51,7 @@ def main(cfg: RootConfig) -> Path:
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    meta = tables.meta
-    log.info("data: %d users, %d items, %d interactions -> %s", meta["users"], meta["items"], meta["interactions"], target)
     return target
-
-
-@dataclass
-class PreparedData:
-    items: datasets.Dataset
-    interactions: datasets.Dataset
-    sequences: UserSequences
-    meta: dict
 
 
 def load_prepared(data_dir: Path) -> PreparedData:

@@ -1,4 +1,4 @@
-"""Stage `dpo`: Iterative Preference Alignment of the pretrained model with the reward model.
+"""`onerec dpo`: Iterative Preference Alignment of the pretrained model with the reward model.
 
 Reads <out>/pretrain/export and <out>/reward; writes <out>/dpo/{export, alignment.json}.
 alignment.json (also merged into metrics.json by the evaluate stage):
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from onerec.align.ipa import Prompts, evaluate_alignment, ipa_round, latest_training_prompts
-from onerec.align.reward_stage import load_reward
+from onerec.align.reward_scorer import load_reward
 from onerec.checkpoint import save_weights
 from onerec.config import RootConfig, to_dict
+from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits
-from onerec.data.stage import load_prepared
 from onerec.distributed.deepspeed import resolve_device
 from onerec.export import export_model, load_export
 from onerec.logging import RunLogger, write_json_atomic
