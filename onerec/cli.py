@@ -18,9 +18,10 @@ import sys
 from typing import Optional
 
 from onerec import __version__
-from onerec.config import ConfigError, load_config
+from onerec.config import load_config
+from onerec.errors import UserError
 from onerec.logging import setup_console
-from onerec.stages import STAGES, BY_NAME
+from onerec.stages import BY_NAME, STAGES, run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,16 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> object:
-    """Run the parsed command: check its inputs first, then import and call its module."""
+    """Run the parsed command (see onerec.stages.run_stage for what is checked first)."""
     stage = BY_NAME[args.command]
     if not stage.takes_config:
         return stage.load().main(args)
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
         overrides.append(f"train.resume={args.resume}")
-    cfg = load_config(args.config, overrides)
-    stage.check_inputs(cfg)  # before the module's imports and any distributed start-up
-    return stage.load().main(cfg)
+    return run_stage(stage, load_config(args.config, overrides))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -74,9 +73,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
-    """Errors whose message already says what to fix: bad config or input, a damaged checkpoint,
-    a run that kept producing NaN/inf (NonFiniteLossError is a FloatingPointError)."""
-    if isinstance(err, (ConfigError, ValueError, FileNotFoundError, FloatingPointError)):
+    """Errors whose message already says what to fix: onerec.errors.UserError, and the builtin
+    types the readers raise with such messages (bad input, a missing file, a run that kept
+    producing NaN/inf: NonFiniteLossError is a FloatingPointError)."""
+    if isinstance(err, (UserError, ValueError, FileNotFoundError, FloatingPointError)):
         return True
     # onerec.checkpoint imports torch; look it up only if a stage has loaded it already.
     checkpoint = sys.modules.get("onerec.checkpoint")

@@ -15,9 +15,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the schema."""
+from onerec.errors import ConfigError  # re-exported: `from onerec.config import ConfigError`
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:

@@ -121,3 +121,10 @@ def pipeline_stages(cfg: RootConfig) -> list[Stage]:
     if cfg.align.enabled and not cfg.reward.enabled:
         raise ValueError("align.enabled needs the reward model: set reward.enabled=true as well")
     return [stage for stage in STAGES if stage.in_pipeline is not None and stage.in_pipeline(cfg)]
+
+
+def run_stage(stage: Stage, cfg: RootConfig) -> object:
+    """Run one config-reading stage: its inputs are checked before its module (and with it
+    torch, DeepSpeed and any process group) loads."""
+    stage.check_inputs(cfg)
+    return stage.load().main(cfg)

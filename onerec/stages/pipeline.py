@@ -15,7 +15,7 @@ import time
 from onerec.config import RootConfig
 from onerec.logging import write_json_atomic
 from onerec.paths import RunPaths, save_resolved_config
-from onerec.stages import pipeline_stages
+from onerec.stages import pipeline_stages, run_stage
 
 log = logging.getLogger("onerec.pipeline")
 
@@ -28,8 +28,7 @@ def main(cfg: RootConfig) -> dict:
     for stage in stages:
         log.info("== stage %s ==", stage.name)
         stage_started = time.perf_counter()
-        stage.check_inputs(cfg)
-        result = stage.load().main(cfg)
+        result = run_stage(stage, cfg)
         timings[stage.name] = time.perf_counter() - stage_started
         if stage.name == "evaluate":
             metrics = result
