@@ -11,6 +11,9 @@ What the stages log (metric names, all scalars so metrics.jsonl stays plain JSON
               (max share x E: 1.0 when balanced), valid/<metric>
     tokenize  codebook/level{l}/{utilization, entropy, perplexity}, codebook/collision_rate
 
+Figures and tables go to W&B only (`log_figures`, `log_table`): metrics.jsonl keeps scalars, and
+`onerec report` redraws the figures from it and the stages' output files.
+
 `logging.wandb=offline` needs no network: the run is written under
 <run dir>/wandb/offline-run-*/ (a run-*.wandb event file) and uploaded later with
 `wandb sync <that directory>`.
@@ -25,9 +28,14 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from onerec.config import LoggingConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+METRICS_LOG = "metrics.jsonl"  # in the run directory: one JSON object per log call, every stage
 
 _CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -67,7 +75,7 @@ class RunLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = open(run_dir / METRICS_LOG, "a", encoding="utf-8")
         if cfg.wandb != "disabled":
             import wandb  # imported lazily: W&B start-up is slow and optional
 
@@ -83,6 +91,11 @@ class RunLogger:
                 reinit="finish_previous",
             )
 
+    @property
+    def uses_wandb(self) -> bool:
+        """True on the rank that sends to W&B: lets a caller skip drawing figures nobody receives."""
+        return self._wandb_run is not None
+
     def wandb_payload(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """The dict sent to W&B for `metrics`: the same scalars, prefixed with the stage."""
         return {f"{self.stage}/{k}": v for k, v in metrics.items()}
@@ -96,6 +109,33 @@ class RunLogger:
         self._jsonl.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(self.wandb_payload(metrics), step=step)
+
+    def log_figures(self, figures: dict[str, "Figure"], step: Optional[int] = None) -> None:
+        """Each matplotlib figure as a `wandb.Image` under `<stage>/<name>`; nothing without W&B.
+
+        The figure is drawn here with Agg into an RGB array: handing W&B the Figure itself
+        would make it import pyplot (and pick a GUI backend) to find "the current figure".
+        """
+        if self._wandb_run is None or not figures:
+            return
+        import wandb
+
+        payload = {f"{self.stage}/{name}": wandb.Image(figure_rgb(figure)) for name, figure in figures.items()}
+        if step is None:
+            self._wandb_run.log(payload)
+        else:
+            self._wandb_run.log(payload, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table (e.g. the metrics beside the baselines) as a `wandb.Table` under `<stage>/<name>`."""
+        widths = {len(row) for row in rows}
+        if widths - {len(columns)}:  # checked with W&B off too, so a bad table fails in every run
+            raise ValueError(f"table {name!r}: {len(columns)} columns but rows of length {sorted(widths)}")
+        if self._wandb_run is None:
+            return
+        import wandb
+
+        self._wandb_run.log({f"{self.stage}/{name}": wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb_run is not None:
@@ -124,6 +164,16 @@ def expert_load_scalars(load_LE: Any) -> dict[str, float]:
         if shares:
             scalars[f"moe/load_max/layer{layer}"] = float(max(shares)) * len(shares)
     return scalars
+
+
+def figure_rgb(figure: "Figure") -> Any:
+    """A matplotlib figure drawn by Agg, as a [height, width, 3] uint8 numpy array."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def codebook_scalars(stats: dict[str, Any]) -> dict[str, float]:

@@ -130,6 +130,10 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
         )
         result = trainer.fit()
         run_logger.summary({"best_valid_ndcg@10": result.best_metric, "best_step": result.best_step})
+        if run_logger.uses_wandb:  # the report's expert-load heat map and codebook plots, as W&B media
+            from onerec.report import training_figures  # matplotlib only when W&B receives it
+
+            run_logger.log_figures(training_figures(paths.root))
     finally:
         run_logger.close()
     log.info(

@@ -1,6 +1,8 @@
 import json
 import time
 
+import pytest
+
 from onerec.config import LoggingConfig
 from onerec.logging import RunLogger, write_json_atomic
 
@@ -151,3 +153,54 @@ def test_rate_meter_counts_finished_steps_over_the_window():
     assert meter.update(300, now=2.5) == 200 / 1.5  # the window keeps the last 2 finished steps
     meter.reset()
     assert meter.update(100, now=9.0) == 0.0
+
+
+class _FakeWandbRun:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, payload, step=None):
+        self.logged.append((payload, step))
+
+
+def _fake_wandb(monkeypatch):
+    """A stand-in `wandb` module recording what log_figures / log_table hand it."""
+    import sys
+    import types
+
+    fake = types.ModuleType("wandb")
+    fake.Image = lambda data: ("image", data.shape, data.dtype.name)
+    fake.Table = lambda columns, data: ("table", columns, data)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+
+def test_log_figures_and_tables_go_to_wandb_under_the_stage(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    _fake_wandb(monkeypatch)
+    logger = RunLogger(LoggingConfig(wandb="disabled"), tmp_path, "pretrain", {}, rank=0)
+    assert not logger.uses_wandb
+    run = logger._wandb_run = _FakeWandbRun()  # W&B "on" without starting it
+    assert logger.uses_wandb
+    figure = Figure(figsize=(2, 1), dpi=50)
+    figure.subplots().plot([0, 1], [1, 0])
+    logger.log_figures({"expert_load": figure}, step=7)
+    logger.log_figures({"codebook_utilization": figure})
+    logger.log_table("metrics", ["split", "recall@10"], [["test", 0.5]])
+    assert run.logged == [
+        ({"pretrain/expert_load": ("image", (50, 100, 3), "uint8")}, 7),  # drawn by Agg as RGB
+        ({"pretrain/codebook_utilization": ("image", (50, 100, 3), "uint8")}, None),
+        ({"pretrain/metrics": ("table", ["split", "recall@10"], [["test", 0.5]])}, None),
+    ]
+    with pytest.raises(ValueError, match="2 columns"):
+        logger.log_table("metrics", ["split", "recall@10"], [["test"]])
+    logger._wandb_run = None
+    logger.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""  # figures and tables stay out of the scalar log
+
+
+def test_log_figures_and_tables_do_nothing_without_wandb(tmp_path):
+    logger = RunLogger(LoggingConfig(wandb="disabled"), tmp_path, "pretrain", {}, rank=0)
+    logger.log_figures({"x": object()})  # never drawn: no W&B to send it to
+    logger.log_table("metrics", ["a"], [[1]])
+    logger.close()
