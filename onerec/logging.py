@@ -40,11 +40,24 @@ METRICS_LOG = "metrics.jsonl"  # in the run directory: one JSON object per log c
 _CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (not the one at set-up),
+    so a caller that redirects stderr later, such as a test capturing it, still gets the log."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; sys.stderr is used instead
+        pass
+
+
 def setup_console(level: int = logging.INFO) -> None:
     """Human-readable console logging for the `onerec` loggers (idempotent)."""
     root = logging.getLogger("onerec")
     if not any(getattr(handler, "_onerec_console", False) for handler in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_CONSOLE_FORMAT, datefmt="%H:%M:%S"))
         handler._onerec_console = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from onerec import errors
+
 log = logging.getLogger("onerec.data")
 
 
-class DataError(ValueError):
-    """Input that cannot be used, located precisely: `file:line: field 'x': what was expected`."""
+class DataError(errors.DataError):
+    """Input that cannot be used, located precisely: `file:line: field 'x': what was expected`.
+
+    A subclass of onerec.errors.DataError, so the CLI reports it as a message with exit code 2
+    (and, like every DataError, it is still a ValueError for callers that catch that)."""
 
     def __init__(self, file: str, line: int | str, field: str, message: str) -> None:
         self.file, self.line, self.field = file, line, field
@@ -22,7 +27,7 @@ class BadRows:
 
     def __init__(self, policy: str) -> None:
         if policy not in ("error", "skip"):
-            raise ValueError(f"on_bad_rows={policy!r}: expected 'error' or 'skip'")
+            raise errors.ConfigError(f"on_bad_rows={policy!r}: expected 'error' or 'skip'")
         self.policy = policy
         self.counts: Counter[str] = Counter()
 

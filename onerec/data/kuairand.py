@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from onerec.data.errors import BadRows, DataError
-from onerec.data.readers import require_file
+from onerec.data.readers import INT64_MAX, INT64_MIN, require_file, times_in_range
 from onerec.data.schema import RawItems, RawLog
 
 SIGNALS = ("is_click", "is_like", "is_follow", "long_view", "watch_ratio")
@@ -54,12 +54,25 @@ def _read(path: Path, columns: tuple[str, ...]) -> pa.Table:
 
 
 def _numbers(table: pa.Table, column: str, file: str, bad: BadRows, keep: np.ndarray) -> np.ndarray:
-    """A column as float64; a null or non-finite value is a bad row (row numbers are 1-based)."""
-    values = table.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    broken = ~np.isfinite(values)
-    for row in np.flatnonzero(broken & keep):
-        bad.bad("missing value", file, int(row) + 1, column, "expected a number, got null")
+    """A column as float64; a null or non-finite value is a bad row (row numbers are 1-based).
+    A time column must also fit int64, and an integer one is returned exactly (as int64)."""
+    data = table.column(column)
+    values = data.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    null = data.is_null().to_numpy(zero_copy_only=False)
+    usable = ~null & (times_in_range(values) if column == "time_ms" else np.isfinite(values))
+    for row in np.flatnonzero(~usable & keep):  # one report per bad row, not per row
+        if null[row]:
+            reason = "missing id" if column in ("user_id", "video_id") else "missing value"
+            bad.bad(reason, file, int(row) + 1, column, "expected a number, got null")
+        elif column == "time_ms" and np.isfinite(values[row]):
+            bad.bad("time out of range", file, int(row) + 1, column,
+                    f"expected a time within int64 (|t| < 9.2e18), got {values[row]:g}")
+        else:
+            reason = "time out of range" if column == "time_ms" else "non-finite number"
+            bad.bad(reason, file, int(row) + 1, column, f"expected a finite number, got {values[row]}")
         keep[row] = False
+    if column == "time_ms" and pa.types.is_integer(data.type):  # exact, even beyond 2**53
+        return pc.fill_null(data, 0).cast(pa.int64(), safe=False).to_numpy(zero_copy_only=False)
     return values
 
 
@@ -87,14 +100,26 @@ def load_kuairand(root: Path, bad: BadRows) -> RawLog:
         data = table.select([c for c in ("user_id", "last_time_ms", "watch_seq", "like_seq", "long_watch_seq")
                              if c in table.column_names]).to_pylist()
         for row, record in enumerate(data, start=1):
+            if record["user_id"] is None:
+                bad.bad("missing id", history_path.name, row, "user_id", "expected a number, got null")
+                continue
             try:
                 watched = [int(v) for v in _as_list(record["watch_seq"])]
                 liked = {int(v) for v in _as_list(record.get("like_seq"))}
                 long_watched = {int(v) for v in _as_list(record.get("long_watch_seq"))}
-                last = int(record["last_time_ms"])
             except (TypeError, ValueError) as err:
                 bad.bad("malformed value", history_path.name, row, "watch_seq", f"expected a list of video ids ({err})")
                 continue
+            try:  # the watches get last_time_ms - k, which must stay finite and within int64
+                last = record["last_time_ms"]
+                usable = np.isfinite(float(last)) and INT64_MIN + len(watched) <= int(last) <= INT64_MAX
+            except (TypeError, ValueError):
+                usable = False
+            if not usable:
+                bad.bad("time out of range", history_path.name, row, "last_time_ms",
+                        f"expected a finite time within int64 (|t| < 9.2e18), got {last}")
+                continue
+            last = int(last)
             # No timestamps: space the watches 1 ms apart, ending at the user's last_time_ms.
             for position, video in enumerate(watched):
                 users.append(str(record["user_id"]))
@@ -128,12 +153,21 @@ def load_kuairand(root: Path, bad: BadRows) -> RawLog:
         has_time=True,
         item_table=load_item_table(root, bad),
         sequence_column="is_click",
+        # 5,877 of the 228,329 impressions are logged twice (same user, video, ms and signals, same source
+        # log); the published KuaiRand results were made with them, so they stay (counted in meta)
+        keep_duplicate_rows=True,
     )
 
 
 def load_item_table(root: Path, bad: BadRows) -> RawItems:
     path = root / "item_features.parquet"
     table = _read(path, ("video_id", "author_id", "tag", "video_duration"))
+    rows = np.arange(1, table.num_rows + 1)
+    null_id = table.column("video_id").is_null().to_numpy(zero_copy_only=False)
+    if null_id.any():
+        for row in np.flatnonzero(null_id):
+            bad.bad("missing id", path.name, int(row) + 1, "video_id", "expected a number, got null")
+        table, rows = table.filter(pa.array(~null_id)), rows[~null_id]
     ids = table.column("video_id").cast(pa.int64()).to_numpy(zero_copy_only=False)
     author = table.column("author_id").to_pylist()
     tag = [t or "" for t in table.column("tag").to_pylist()]
@@ -142,7 +176,7 @@ def load_item_table(root: Path, bad: BadRows) -> RawItems:
         ids=[str(int(v)) for v in ids],
         fields={"title": titles, "tag": tag, "author": [str(a) for a in author]},
         file=path.name,
-        lines=list(range(1, len(ids) + 1)),
+        lines=rows.tolist(),
         features=item_feature_matrix(table),
     )
 

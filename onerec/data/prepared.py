@@ -3,10 +3,12 @@
     data/items/         item_index, raw_id, title, text (+ features) (HF datasets, save_to_disk)
     data/interactions/  user_index, item_index, order, feedback (sorted by user, then time)
     data/users/         user_index, raw_id
-    data/meta.json      counts, skipped bad rows by reason, format
+    data/meta.json      counts, skipped bad rows by reason, format (and duplicate_rows_kept
+                        when the reader keeps exact duplicate rows: KuaiRand)
 
 `write_prepared` fills a temporary sibling directory and renames it into place only when
-complete, so a failed run leaves an earlier good data/ untouched.
+complete, so a failed run leaves an earlier good data/ untouched; it replaces only a data/
+that onerec wrote (onerec.run_dir.replace_directory).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import datasets
 
 from onerec.data.build import Tables
 from onerec.data.splits import UserSequences
+from onerec.run_dir import replace_directory
 
 TABLES = ("items", "interactions", "users")
+META_FILE = "meta.json"
+OUTPUT_KIND = "data"
 
 
 @dataclass
@@ -45,10 +50,8 @@ def write_prepared(tables: Tables, target: Path) -> Path:
             table = {k: list(v) if isinstance(v, list) or getattr(v, "ndim", 1) > 1 else v
                      for k, v in getattr(tables, name).items()}
             datasets.Dataset.from_dict(table).save_to_disk(str(tmp / name))
-        (tmp / "meta.json").write_text(json.dumps(tables.meta, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        (tmp / META_FILE).write_text(json.dumps(tables.meta, indent=2) + "\n")
+        replace_directory(tmp, target, OUTPUT_KIND, META_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -8,6 +8,10 @@ RawLog.items: the item table when the format has one: raw id, title, text fields
 RawLog.sequence_column: when set, only interactions whose feedback in that column is > 0
     (e.g. clicked impressions) enter the user sequences the generator trains on; every
     interaction stays in the table for the reward model.
+RawLog.keep_duplicate_rows: exact duplicate rows (same user, item, time and feedback) are
+    bad rows unless the reader sets this because its source is known to log some events
+    twice and its published results were made with them (KuaiRand); then they are kept,
+    counted and logged (build.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class RawLog:
     has_time: bool = True
     item_table: RawItems | None = None
     sequence_column: str | None = None
+    keep_duplicate_rows: bool = False
 
     def __len__(self) -> int:
         return len(self.users)
@@ -54,4 +59,5 @@ class RawLog:
             has_time=self.has_time,
             item_table=self.item_table,
             sequence_column=self.sequence_column,
+            keep_duplicate_rows=self.keep_duplicate_rows,
         )

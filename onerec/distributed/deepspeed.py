@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from onerec.config import TrainConfig
+from onerec.errors import ConfigError, ResourceError
 
 log = logging.getLogger("onerec.distributed")
 
@@ -35,40 +35,68 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+def resolve_device(requested: str, setting: str = "run.device") -> torch.device:
+    """The device for `requested` ("auto" | "cpu" | "cuda"): auto is this process's GPU
+    (LOCAL_RANK) when CUDA is usable, else the CPU.
+
+    Every stage calls this (directly or through init_distributed) before any work, so a GPU
+    that is asked for and missing is a ResourceError at once, naming `setting` (the config key
+    or CLI option the value came from) and why CUDA is not usable.
+    """
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if requested not in ("auto", "cuda"):
+        raise ConfigError(f"{setting}={requested!r}: expected auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ResourceError(
+            f"{setting}=cuda but CUDA cannot be used here: {_why_no_cuda()}; "
+            f"use {setting}=auto (the GPU when there is one) or {setting}=cpu"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ResourceError(
+            f"this process is LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: start at "
+            f"most {count} process(es) per node (e.g. torchrun --nproc-per-node={count}) or check CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", local_rank)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _why_no_cuda() -> str:
+    """The likeliest reason torch.cuda.is_available() is False, for the message."""
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support (a CPU-only wheel)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    return "no GPU (or no working NVIDIA driver) was found"
 
 
 def init_distributed(requested_device: str = "auto") -> DistInfo:
     """Join (or, for a plain `python` run, create) the process group; idempotent.
 
     Launchers (torchrun, the deepspeed launcher, srun + torchrun) set RANK/WORLD_SIZE/
-    MASTER_ADDR; a single process gets a private one-rank group on a free local port.
+    MASTER_ADDR; a single process gets a private one-rank group on an in-memory store (no
+    port to pick, so two runs on one machine can never race for one).
     """
     device = resolve_device(requested_device)
     if device.type == "cpu":
         # Must be set before deepspeed is imported: it picks its accelerator at import.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # A world of one: a plain process, or one that inherited a plain process's variables.
+    single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if single_process:
+        for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+            os.environ.setdefault(name, "1" if "SIZE" in name else "0")
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if single_process and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    # Joins the launcher's group, or wraps the one-rank group above; a no-op once done.
+    deepspeed.init_distributed(dist_backend=backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return DistInfo(

@@ -11,16 +11,31 @@ W identical copies of it):
 
     step t:  generated_NT --decode_step--> logits_NC --beam step--> tokens_N, parents_N
              generated_N(T+1) = cat(generated_NT[parents_N], tokens_N)
+
+Two guards run before the W-wide steps allocate anything:
+- Width: a search never runs more beams than there are distinct answers (items, or item
+  sequences for sessions). The extra beams could only ever be dead, so the result is the same
+  (the extra output columns are dead beams) and the memory is that of the useful width.
+- Memory: everything per beam row (the encoder memory repeated per beam and its attention
+  projections, the decoder's activations, the logits) scales with N = B * W; the estimate
+  (`estimate_beam_search_bytes`) is compared with the memory left on the device and a
+  ResourceError says what it needs, what there is, and which settings to lower.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from onerec.errors import ResourceError
 from onerec.kernels.constrained_beam import constrained_beam_step
 from onerec.tokenizer.trie import Trie
+
+# What a ResourceError tells the user to lower, unless the caller names its own settings.
+DEFAULT_SETTINGS = "the number of requests per call (batch size) or the beam width"
 
 
 @dataclass
@@ -28,6 +43,148 @@ class BeamSearchOutput:
     items_BW: torch.Tensor  # int64 item_index, -1 for dead beams
     scores_BW: torch.Tensor  # float32 sum of per-level log-probs, -inf for dead beams; sorted descending
     codes_BWL: torch.Tensor  # int64 code tuple of each beam's item, all -1 for dead beams
+
+
+def num_leaves(trie: Trie) -> int:
+    """Items in the trie: its depth-L nodes, each exactly one item (no host sync: the node
+    ranges are Python ints)."""
+    return trie.depth_starts[trie.depth + 1] - trie.depth_starts[trie.depth]
+
+
+def estimate_beam_search_bytes(
+    model,
+    requests: int,
+    beam_width: int,
+    history_len: int,
+    trie: Trie,
+    session_len: int = 1,
+    excluded_per_request: int = 0,
+) -> int:
+    """The peak bytes a search of `requests` x `beam_width` beams allocates, roughly: within
+    about 25% of the peak measured on CPU for the OneRec model (dense and MoE, S 5..100,
+    D 64..256, sessions of 1..5 items), enough to tell a search that fits from one that
+    needs several times the memory there is.
+
+    Per beam row N = B * W (fp32, 4 bytes): the encoder memory repeated per beam and the
+    key/value projection of it that each cross-attention computes, 3 x (S + 1) x D; the
+    decoder's activations over the P = M * (L + 1) - 1 positions of the longest prefix, per
+    position its FFN (x top_k with MoE, x 1.5 for the activation), a few D-wide tensors and
+    the cross-attention weights, 3 x H x (S + 1); the logits and their log-softmax, 4 x C;
+    and, when items are excluded, the X excluded ids per row (int64) and the
+    leaf-versus-excluded comparison of the last level (Bd x X bytes). The encoder runs once
+    per request: (S + 1) x (1.5 F + 8 D + H (S + 1)) per request. A model without a `cfg`
+    (ModelConfig) is sized from the trie's codebook only.
+    """
+    cfg = getattr(model, "cfg", None)
+    D = getattr(cfg, "d_model", 0)
+    F = getattr(cfg, "d_ff", 0)
+    H = getattr(cfg, "num_heads", 0)
+    moe = getattr(cfg, "moe", None)
+    ffn_copies = moe.top_k if moe is not None and moe.enabled else 1
+    S1, L, C = history_len + 1, trie.depth, max(trie.codebook_sizes)
+    P = session_len * (L + 1) - 1
+    Bd = trie.level_child_tokens[-1].shape[1] if trie.level_child_tokens else 0
+    per_beam = 3 * S1 * D * 4 + P * (1.5 * F * ffn_copies + 8 * D + 3 * H * S1) * 4 + 4 * C * 4
+    per_beam += excluded_per_request * (8 + Bd)
+    per_request = S1 * (1.5 * F + 8 * D + H * S1) * 4
+    return int(requests * beam_width * per_beam + requests * per_request)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None when it cannot be told.
+
+    CUDA: the device's free memory plus what PyTorch's caching allocator holds unused (it
+    hands that out again first). CPU: the available RAM (psutil when installed, else the
+    free pages), capped by the cgroup limit of a container or Slurm job when there is one.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+            return None
+    cgroup_left = _cgroup_memory_left()
+    return available if cgroup_left is None else min(available, cgroup_left)
+
+
+def _cgroup_memory_left() -> int | None:
+    """limit - usage of this process's memory cgroup, or None without a limit: its own group
+    (named in /proc/self/cgroup, as under Slurm) or the namespace root (as in a container),
+    cgroup v2 ("memory.max") or v1 ("memory.limit_in_bytes")."""
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+    own = {"v2": "", "v1": ""}
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                own["v2"] = path.lstrip("/")
+            elif "memory" in controllers.split(","):
+                own["v1"] = path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    candidates = [
+        (v2 / own["v2"], "memory.max", "memory.current"),
+        (v1 / own["v1"], "memory.limit_in_bytes", "memory.usage_in_bytes"),
+        (v2, "memory.max", "memory.current"),
+        (v1, "memory.limit_in_bytes", "memory.usage_in_bytes"),
+    ]
+    for folder, limit_name, usage_name in candidates:
+        try:
+            limit = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def check_beam_search_memory(
+    model,
+    requests: int,
+    beam_width: int,
+    history_len: int,
+    trie: Trie,
+    device: torch.device,
+    session_len: int = 1,
+    excluded_per_request: int = 0,
+    settings: str = DEFAULT_SETTINGS,
+) -> None:
+    """ResourceError when the search's estimated peak (estimate_beam_search_bytes) exceeds the
+    memory left on `device`; the message gives both and tells the user to lower `settings`."""
+    needed = estimate_beam_search_bytes(
+        model, requests, beam_width, history_len, trie, session_len, excluded_per_request
+    )
+    available = available_memory(device)
+    if available is None or needed <= available:
+        return
+    raise ResourceError(
+        f"beam search of {requests} request(s) x {beam_width} beams over a {history_len}-item history "
+        f"needs about {_size(needed)} of {device.type.upper()} memory, but only {_size(available)} is available: "
+        f"lower {settings} (memory grows with their product)"
+    )
+
+
+def _size(num_bytes: float) -> str:
+    """'23.1 GiB', or '64 MiB' below a GiB."""
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
+
+
+def _pad_beams(tensor: torch.Tensor, width: int, fill: float) -> torch.Tensor:
+    """[B, W', ...] -> [B, width, ...], the new columns `fill` (dead beams)."""
+    if tensor.shape[1] == width:
+        return tensor
+    shape = (tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:])
+    return torch.cat([tensor, tensor.new_full(shape, fill)], dim=1)
 
 
 def model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
@@ -48,12 +205,18 @@ def constrained_beam_search(
     user_B: torch.Tensor | None = None,
     history_items_BS: torch.Tensor | None = None,
     exclude_items_BX: torch.Tensor | None = None,
+    settings: str = DEFAULT_SETTINGS,
 ) -> BeamSearchOutput:
     """Top-`beam_width` items per request by beam search restricted to the trie.
 
     exclude_items_BX (item indices, -1 padding) are never returned: at the last level their
     leaves are masked out of each request's beams, so the W beams go to other items (used to
     leave out what the user already has, where items are not consumed twice).
+
+    A beam width above the number of items runs as one beam per item (the output keeps
+    `beam_width` columns, the extra ones dead). Before the search allocates its W-wide
+    tensors, its memory is estimated: ResourceError when it would not fit, telling the user
+    to lower `settings` (e.g. "eval.batch_size (256) or eval.beam_width (100000)").
 
     Runs on the model's device, in whatever train/eval mode the caller left the model
     (call `model.eval()` first for deterministic results).
@@ -66,7 +229,10 @@ def constrained_beam_search(
             f"got shape {tuple(history_codes_BSL.shape)}"
         )
     device = model_device(model, history_codes_BSL.device)
-    B, W, L = history_codes_BSL.shape[0], beam_width, trie.depth
+    # Never more beams than items: the extra ones would be dead at every step.
+    B, W, L = history_codes_BSL.shape[0], min(beam_width, max(1, num_leaves(trie))), trie.depth
+    excluded = 0 if exclude_items_BX is None else exclude_items_BX.shape[-1]
+    check_beam_search_memory(model, B, W, history_codes_BSL.shape[1], trie, device, 1, excluded, settings)
     trie = trie.to(device)
     history_codes_BSL = history_codes_BSL.to(device)
     user_B = None if user_B is None else user_B.to(device)
@@ -105,9 +271,12 @@ def constrained_beam_search(
     live_N = states_N >= 0
     items_N = torch.where(live_N, trie.node_item[states_N.clamp(min=0)], -1)
     codes_NL = generated_NT.masked_fill(~live_N.unsqueeze(1), -1)
-    # The step returns each request's beams sorted by score, dead ones last, so the output is sorted.
+    # The step returns each request's beams sorted by score, dead ones last, so the output is
+    # sorted; padding up to beam_width adds dead beams, which sort last.
     return BeamSearchOutput(
-        items_BW=items_N.view(B, W), scores_BW=scores_N.view(B, W), codes_BWL=codes_NL.view(B, W, L)
+        items_BW=_pad_beams(items_N.view(B, W), beam_width, -1),
+        scores_BW=_pad_beams(scores_N.view(B, W), beam_width, float("-inf")),
+        codes_BWL=_pad_beams(codes_NL.view(B, W, L), beam_width, -1),
     )
 
 
@@ -159,6 +328,7 @@ def generate_sessions(
     session_len: int,
     user_B: torch.Tensor | None = None,
     history_items_BS: torch.Tensor | None = None,
+    settings: str = DEFAULT_SETTINGS,
 ) -> SessionSearchOutput:
     """The `num_sessions` best M-item sessions per request, code by code, every item a real one.
 
@@ -166,6 +336,9 @@ def generate_sessions(
     completes an item (reaches a trie leaf) it restarts at the root for the next item, and
     the decoder sees the BOS that separates items. The W output beams are W distinct
     sessions (distinct code paths), as IPA samples them (OneRec section 3.4).
+
+    As there: at most one beam per distinct session (items ** M), the memory checked first
+    (ResourceError naming `settings`).
     """
     if num_sessions < 1 or session_len < 1:
         raise ValueError(f"num_sessions={num_sessions} and session_len={session_len}: expected >= 1")
@@ -176,8 +349,11 @@ def generate_sessions(
             f"history_codes_BSL must be [batch, history, {trie.depth}], got shape {tuple(history_codes_BSL.shape)}"
         )
     device = model_device(model, history_codes_BSL.device)
-    B, W, L, M = history_codes_BSL.shape[0], num_sessions, trie.depth, session_len
+    # Never more beams than distinct sessions (every prefix is one of at most items ** M).
+    W = min(num_sessions, max(1, num_leaves(trie)) ** session_len)
+    B, L, M = history_codes_BSL.shape[0], trie.depth, session_len
     N = B * W
+    check_beam_search_memory(model, B, W, history_codes_BSL.shape[1], trie, device, M, 0, settings)
     trie = trie.to(device)
     user_B = None if user_B is None else user_B.to(device)
     history_items_BS = None if history_items_BS is None else history_items_BS.to(device)
@@ -207,5 +383,7 @@ def generate_sessions(
     items_NM = items_NM.masked_fill(~live_N.unsqueeze(1), -1)
     codes_NML = generated_NT.view(N, M, L).masked_fill(~live_N.view(N, 1, 1), -1)
     return SessionSearchOutput(
-        items_BWM=items_NM.view(B, W, M), scores_BW=scores_N.view(B, W), codes_BWML=codes_NML.view(B, W, M, L)
+        items_BWM=_pad_beams(items_NM.view(B, W, M), num_sessions, -1),
+        scores_BW=_pad_beams(scores_N.view(B, W), num_sessions, float("-inf")),
+        codes_BWML=_pad_beams(codes_NML.view(B, W, M, L), num_sessions, -1),
     )

@@ -6,6 +6,7 @@ R rows of one rank's shard.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -13,11 +14,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from onerec.inference.beam_search import constrained_beam_search
+from onerec.inference.beam_search import constrained_beam_search, num_leaves
 from onerec.inference.metrics import MetricAccumulator
 from onerec.logging import progress_disabled
 from onerec.model.onerec import lookup_codes
 from onerec.tokenizer.trie import Trie
+
+log = logging.getLogger("onerec.inference")
+_WARNED_WIDTHS: set[tuple[int, int]] = set()  # (beam_width, catalogue size) pairs already warned about
 
 
 def evaluate_examples(
@@ -39,6 +43,10 @@ def evaluate_examples(
     """Recall/NDCG@K of the top-K beams for each (history, held-out target) row.
 
     exclude_history=True: no row is recommended an item of its own history.
+
+    A beam_width above the catalogue size is searched as one beam per item (the same result;
+    a warning says so). The search's memory is estimated before its first batch: a
+    ResourceError names eval.batch_size and eval.beam_width when it would not fit.
 
     history_BS holds item indices, right-aligned with -1 padding on the left. max_users > 0
     evaluates only the first max_users rows (0: all). The model is put in eval mode and its
@@ -78,6 +86,17 @@ def evaluate_examples(
         history_BS, target_B = history_BS[shard_R], target_B[shard_R]
         user_B = None if user_B is None else user_B[shard_R]
 
+    items = num_leaves(trie)
+    if beam_width > items and (beam_width, items) not in _WARNED_WIDTHS:  # once, not at every validation
+        _WARNED_WIDTHS.add((beam_width, items))
+        log.warning(
+            "eval.beam_width=%d is more than the %d items of the catalogue: a beam per item already "
+            "covers every answer, so the search runs %d beams (same result, less memory)",
+            beam_width, items, items,
+        )
+    # What a ResourceError from the search's memory check tells the user to lower.
+    settings = f"eval.batch_size ({batch_size}) or eval.beam_width ({beam_width})"
+
     device = torch.device(device)
     codes_NL = item_codes_NL.to(device)
     trie = trie.to(device)  # once, not per batch
@@ -98,6 +117,7 @@ def evaluate_examples(
                 user_B=users,
                 history_items_BS=history_items_BS,
                 exclude_items_BX=history_items_BS if exclude_history else None,
+                settings=settings,
             )
             counted = max(0, min(batch_size, num_counted - start))  # padding rows are not counted
             if counted:

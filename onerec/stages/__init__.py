@@ -8,6 +8,14 @@ through `onerec plan`, so the three never disagree.
               tokenizer.collaborative_source         reward.    align.enabled
               names sasrec                           enabled
 
+Before a stage runs, `run_stage` checks, in this order and before the stage module (torch,
+DeepSpeed, a process group) loads: the run directory is safe to write (onerec/run_dir.py),
+the earlier stages' outputs exist, and they are fresh, i.e. made from the current config
+and from each other (onerec/provenance.py); then it takes the run directory's lock for the
+stage (onerec/locks.py), so a second process into the same run stops with a message. After
+it succeeds, the stage's provenance record is written; `onerec pipeline` reruns exactly the
+stages that are not fresh.
+
 Each command is the module `onerec.stages.<name>`. Stage modules are imported only when
 their command runs, so `onerec --help` and `onerec config` start fast; a module whose
 command takes its own arguments (not `--config`) defines `add_arguments(parser)` and
@@ -17,13 +25,30 @@ command takes its own arguments (not `--config`) defines `add_arguments(parser)`
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional
 
-from onerec.config import RootConfig
+from onerec.config import RootConfig, to_dict
+from onerec.errors import StaleInputError
+from onerec.locks import stage_lock
 from onerec.paths import RunPaths
+from onerec.provenance import (
+    LEGACY_OUTPUT,
+    changed_keys,
+    config_subset,
+    fingerprint,
+    new_record,
+    raw_file_listing,
+    read_record,
+    write_record,
+)
+from onerec.run_dir import check_out_dir, open_run_dir
+
+log = logging.getLogger("onerec.stages")
 
 # (file or directory relative to run.out_dir, the command that writes it)
 Input = tuple[str, str]
@@ -41,9 +66,10 @@ def _tokenize_inputs(cfg: RootConfig) -> list[Input]:
 
 
 def _evaluate_inputs(cfg: RootConfig) -> list[Input]:
-    if cfg.align.enabled:
-        return [("data/meta.json", "data"), ("dpo/export/model.safetensors", "dpo")]
-    return [("data/meta.json", "data"), ("pretrain/export/model.safetensors", "pretrain")]
+    inputs = [("data/meta.json", "data"), ("pretrain/export/model.safetensors", "pretrain")]
+    if cfg.align.enabled:  # the aligned model is scored, the pretrained one beside it
+        inputs.append(("dpo/export/model.safetensors", "dpo"))
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,11 @@ class Stage:
     # False: the command takes its own arguments (module.add_arguments), not --config.
     takes_config: bool = True
     resumable: bool = False
+    # The config sections (or single keys) whose values can change this stage's output: part
+    # of its provenance fingerprint.
+    config_sections: tuple[str, ...] = ()
+    # Writes under run.out_dir (everything but printing the config).
+    writes_run_dir: bool = True
 
     @property
     def module_name(self) -> str:
@@ -85,31 +116,44 @@ class Stage:
     def done_path(self, cfg: RootConfig) -> Optional[Path]:
         return None if self.done_marker is None else RunPaths.of(cfg.run.out_dir).root / self.done_marker
 
+    def upstream(self, cfg: RootConfig) -> list[str]:
+        """The stages whose output this one reads, in pipeline order."""
+        return list(dict.fromkeys(producer for _, producer in self.inputs(cfg)))
+
+    @property
+    def records_provenance(self) -> bool:
+        return self.in_pipeline is not None
+
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "raw files -> validated, dense-id tables in <out>/data",
-          done_marker="data/meta.json", in_pipeline=_always),
+          done_marker="data/meta.json", in_pipeline=_always, config_sections=("data",)),
     Stage("baseline", "SASRec on the same split -> <out>/baselines/sasrec (metrics, item vectors)",
           inputs=lambda cfg: [("data/meta.json", "data")], done_marker="baselines/sasrec/metrics.json",
-          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec),
+          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec, config_sections=("data", "sasrec", "eval", "run.seed")),
     Stage("tokenize", "item embeddings -> semantic IDs + trie in <out>/semantic_ids",
-          inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", in_pipeline=_always),
+          inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", in_pipeline=_always,
+          config_sections=("data", "tokenizer", "run.seed")),
     Stage("pretrain", "next-token training of the MoE encoder-decoder -> <out>/pretrain/export",
           inputs=lambda cfg: [("data/meta.json", "data"), ("semantic_ids/semantic_ids.json", "tokenize")],
-          done_marker="pretrain/export/model.safetensors", distributed=True, in_pipeline=_always, resumable=True),
+          done_marker="pretrain/export/model.safetensors", distributed=True, in_pipeline=_always, resumable=True,
+          config_sections=("data", "model", "train", "eval", "parallel", "run.seed")),
     Stage("reward", "session reward model on logged feedback -> <out>/reward",
           inputs=lambda cfg: [("data/meta.json", "data"), ("semantic_ids/semantic_ids.json", "tokenize")],
-          done_marker="reward/reward.json", in_pipeline=lambda cfg: cfg.reward.enabled),
+          done_marker="reward/reward.json", in_pipeline=lambda cfg: cfg.reward.enabled,
+          config_sections=("data", "reward", "run.seed")),
     Stage("dpo", "Iterative Preference Alignment (beam samples, reward, DPO + NTP) -> <out>/dpo/export",
           inputs=lambda cfg: [("data/meta.json", "data"), ("pretrain/export/model.safetensors", "pretrain"),
                               ("reward/reward.json", "reward")],
-          done_marker="dpo/alignment.json", in_pipeline=lambda cfg: cfg.align.enabled),
+          done_marker="dpo/alignment.json", in_pipeline=lambda cfg: cfg.align.enabled,
+          config_sections=("data", "align", "eval", "run.seed")),
     Stage("evaluate", "validation and test Recall/NDCG@K beside popularity -> <out>/metrics.json",
-          inputs=_evaluate_inputs, done_marker="metrics.json", in_pipeline=_always),
-    Stage("pipeline", "run every stage in order (those this config enables)", resumable=True),
+          inputs=_evaluate_inputs, done_marker="metrics.json", in_pipeline=_always,
+          config_sections=("data", "eval", "align.enabled")),
+    Stage("pipeline", "run, in order, the stages this config enables whose output is not fresh", resumable=True),
     Stage("recommend", "top-K items for a history, from a model export", takes_config=False),
     Stage("report", "figures and tables of a run directory -> RUN_DIR/report.html", takes_config=False),
-    Stage("config", "print the resolved config (defaults < YAML < overrides) and exit"),
+    Stage("config", "print the resolved config (defaults < YAML < overrides) and exit", writes_run_dir=False),
     Stage("plan", "save <out>/config.yaml and print the stages `onerec pipeline` would run (for launch scripts)"),
 )
 
@@ -123,8 +167,88 @@ def pipeline_stages(cfg: RootConfig) -> list[Stage]:
     return [stage for stage in STAGES if stage.in_pipeline is not None and stage.in_pipeline(cfg)]
 
 
-def run_stage(stage: Stage, cfg: RootConfig) -> object:
-    """Run one config-reading stage: its inputs are checked before its module (and with it
-    torch, DeepSpeed and any process group) loads."""
+def _record_inputs(stage: Stage, cfg: RootConfig) -> tuple[dict, dict[str, str], list]:
+    """What `stage` would be made from now: its config keys, the upstream outputs it would
+    read (by output id), and for `data` the raw files."""
+    root = RunPaths.of(cfg.run.out_dir).root
+    config = config_subset(to_dict(cfg), stage.config_sections)
+    upstream = {}
+    for name in stage.upstream(cfg):
+        record = read_record(root, name)
+        upstream[name] = record.output_id if record is not None else LEGACY_OUTPUT
+    raw_files = raw_file_listing(cfg.data.root) if stage.name == "data" else []
+    return config, upstream, raw_files
+
+
+def freshness(stage: Stage, cfg: RootConfig) -> tuple[bool, str]:
+    """(whether `stage`'s output exists and was made from the current config and upstream
+    outputs, why not)."""
+    root = RunPaths.of(cfg.run.out_dir).root
+    done = stage.done_path(cfg)
+    if done is None or not done.exists():
+        return False, "it has not finished"
+    record = read_record(root, stage.name)
+    if record is None:
+        log.warning("%s: no provenance record (written by an older onerec): trusting it", done)
+        return True, "no record"
+    config, upstream, raw_files = _record_inputs(stage, cfg)
+    if fingerprint(stage.name, config, upstream, raw_files) == record.fingerprint:
+        return True, "up to date"
+    changed = changed_keys(record.config, config)
+    if changed:
+        return False, "config changed since it ran: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+    remade = [name for name in upstream if record.upstream.get(name) != upstream[name]]
+    if remade:
+        return False, "made from an earlier output of " + ", ".join(f"`{name}`" for name in remade)
+    if raw_files != record.raw_files:
+        return False, f"the raw files under data.root={cfg.data.root} changed since it ran"
+    return False, f"made by onerec {record.onerec}"
+
+
+def _ancestors(stage: Stage, cfg: RootConfig) -> list[Stage]:
+    """Every stage `stage` reads from, directly or not, in pipeline order."""
+    seen: set[str] = set()
+    pending = stage.upstream(cfg)
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            pending.extend(BY_NAME[name].upstream(cfg))
+    return [s for s in STAGES if s.name in seen]
+
+
+def check_fresh_inputs(stage: Stage, cfg: RootConfig) -> None:
+    """StaleInputError naming the first earlier stage to rerun when an input of `stage` is stale."""
+    for ancestor in _ancestors(stage, cfg):
+        fresh, reason = freshness(ancestor, cfg)
+        if not fresh:
+            raise StaleInputError(
+                f"`onerec {stage.name}` reads outputs made by `onerec {ancestor.name}`, whose output in "
+                f"{cfg.run.out_dir} is stale ({reason}): rerun `onerec {ancestor.name}` and the stages after it, "
+                f"or `onerec pipeline`, which reruns exactly the stages that are stale"
+            )
+
+
+def run_stage(stage: Stage, cfg: RootConfig, **kwargs) -> object:
+    """Run one config-reading stage after the checks in the module docstring, and record its
+    provenance when it succeeds."""
+    if stage.writes_run_dir:
+        check_out_dir(cfg.run.out_dir, cfg.data.root)
     stage.check_inputs(cfg)
-    return stage.load().main(cfg)
+    check_fresh_inputs(stage, cfg)
+    if cfg.run.device == "cuda" and stage.records_provenance:  # a missing GPU stops the first stage
+        from onerec.distributed.deepspeed import resolve_device  # torch loads only in this case
+
+        resolve_device(cfg.run.device)
+    if stage.writes_run_dir:  # only now: a refused command leaves no directory behind
+        open_run_dir(cfg.run.out_dir, cfg.data.root)
+    if not stage.records_provenance:
+        return stage.load().main(cfg, **kwargs)
+    root = RunPaths.of(cfg.run.out_dir).root
+    # One process per run directory and stage (global rank 0 holds it for a distributed job).
+    with stage_lock(root, stage.name):
+        record = new_record(stage.name, *_record_inputs(stage, cfg))
+        result = stage.load().main(cfg, **kwargs)
+        if os.environ.get("RANK", "0") == "0":
+            write_record(root, record)
+    return result

@@ -23,6 +23,7 @@ from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits, validation_subset
 from onerec.distributed.deepspeed import init_distributed
 from onerec.distributed.expert_parallel import apply_expert_parallel
+from onerec.errors import MissingInputError
 from onerec.export import build_model, export_model
 from onerec.inference.evaluate import evaluate_examples
 from onerec.logging import RateMeter, RunLogger, expert_load_scalars
@@ -140,7 +141,11 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
         "pretraining done: %d steps, best valid NDCG@10 %.4f at step %d", result.steps, result.best_metric, result.best_step
     )
     if dist_info.is_main:
-        assert result.best_weights is not None, "training ran at least one evaluation"
+        if result.best_weights is None:  # the trainer reports only best weights this run wrote
+            raise MissingInputError(
+                f"{paths.pretrain / 'best'} holds no best weights of this training run (validation NDCG@10 "
+                f"was never finite, or they were removed): nothing to export; start afresh with train.resume=none"
+            )
         items = prepared.items
         export_model(paths.export, result.best_weights, cfg, semantic_ids, list(items["raw_id"]), list(items["title"]))
     if dist_info.world_size > 1:

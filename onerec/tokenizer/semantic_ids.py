@@ -25,8 +25,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from onerec.run_dir import is_onerec_output, replace_directory
+
 CODES_FILE = "codes.safetensors"
 META_FILE = "semantic_ids.json"
+OUTPUT_KIND = "semantic_ids"
 CACHE_DIR = "cache"  # the tokenize stage's embedding cache lives here and survives a re-save
 
 
@@ -71,16 +74,15 @@ class SemanticIds:
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         keep = directory / CACHE_DIR
-        if keep.is_dir():  # the embedding cache survives a re-run
-            shutil.move(str(keep), str(tmp / CACHE_DIR))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(directory, old)  # two renames: the window without `directory` is tiny
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
+        try:
+            # The embedding cache survives a re-run; it is moved only out of a directory that
+            # is ours (a previous output, or one holding nothing but the cache just written).
+            if keep.is_dir() and (is_onerec_output(directory, OUTPUT_KIND, META_FILE)
+                                  or {p.name for p in directory.iterdir()} == {CACHE_DIR}):
+                shutil.move(str(keep), str(tmp / CACHE_DIR))
+            replace_directory(tmp, directory, OUTPUT_KIND, META_FILE)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: Path) -> "SemanticIds":

@@ -18,6 +18,21 @@ state (ZeRO 1/2 partitions, or experts sharded by expert parallelism) each rank 
 optimizer file beside the shared train state, and a resume needs the same number of ranks.
 Under ZeRO the fp32 master copy is refreshed from the loaded weights before the optimizer
 state is restored, as DeepSpeed's own loader does.
+
+Runs. Every training run has an id (TrainState.run_id): a fresh uuid4 hex when it starts
+from scratch, the checkpoint's when it resumes (a checkpoint written before runs had ids
+continues under a new one). Checkpoints and best weights record it, so a run directory that
+holds another run's files (a copied run directory, a run started over) never mixes them up:
+
+    <stage_dir>/checkpoints/step_*                   this run's checkpoints (onerec.checkpoint)
+    <stage_dir>/best/model.safetensors               best weights; their manifest holds run_id, step
+    <stage_dir>/checkpoints.superseded-<run id>/     another run's checkpoints and best/, moved
+                                                     aside (never deleted) when a fresh run starts
+
+A fresh run moves every other run's checkpoints, and a best/ it did not write, aside before
+its first step and logs which. `FitResult.best_weights` is best/ only when this run wrote it
+(in this process, or in an earlier attempt that a resume continues), else None: a previous
+run's best weights are never reported, and so never exported, as this run's.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import logging
 import math
 import re
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,7 +58,10 @@ from onerec.checkpoint import (
     load_rank_state,
     resolve_resume,
     save_weights,
+    set_aside,
+    set_aside_other_runs,
     staging_dir,
+    weights_provenance,
     write_rank_state,
 )
 from onerec.config import TrainConfig
@@ -79,6 +98,9 @@ class TrainState:
     a checkpoint must hold for a resumed run to continue exactly where it stopped."""
 
     step: int = 0
+    # Which training run this is: "" until fit() starts a fresh run (a uuid4 hex) or restores
+    # a checkpoint (its run id); checkpoints and best weights are stamped with it.
+    run_id: str = ""
     best_metric: float = -math.inf
     best_step: int = -1
     evals_without_improvement: int = 0
@@ -188,6 +210,9 @@ class Trainer:
         self.optimizer_per_rank = cfg.zero_stage > 0 or self.expert_parallel
 
         self.state = TrainState()
+        # Set when a resumed checkpoint predates run ids: best weights of that era carry no
+        # run id either, and belong to the run being continued.
+        self._continues_unstamped_run = False
         self.after_step = after_step
 
     # ----------------------------------------------------------------- state
@@ -281,6 +306,7 @@ class Trainer:
                 self.config_dict,
                 keep=self.cfg.keep_checkpoints,
                 rank_files=self.dist.world_size if self.optimizer_per_rank else 0,
+                run_id=self.state.run_id,
             )
         self._barrier()
 
@@ -355,7 +381,10 @@ class Trainer:
             if self.expert_parallel or self.dist.is_main:  # gathering experts takes every rank
                 full_state = self._full_weights()
             if self.dist.is_main:
-                save_weights(self.model, self.stage_dir / BEST_WEIGHTS, full_state)
+                save_weights(
+                    self.model, self.stage_dir / BEST_WEIGHTS, full_state,
+                    provenance={"run_id": self.state.run_id, "step": self.state.step, self.select_metric: value},
+                )
         else:
             self.state.evals_without_improvement += 1
         log.info(
@@ -364,10 +393,68 @@ class Trainer:
         )
         return self.cfg.patience > 0 and self.state.evals_without_improvement >= self.cfg.patience
 
+    # ------------------------------------------------------------------ runs
+    def _share_run_id(self, run_id: str) -> str:
+        """Rank 0's run id on every rank (a collective)."""
+        if self.dist.world_size == 1:
+            return run_id
+        id_16 = torch.zeros(16, dtype=torch.uint8, device=self.dist.device)
+        if self.dist.is_main:
+            id_16.copy_(torch.tensor(list(bytes.fromhex(run_id)), dtype=torch.uint8))
+        torch.distributed.broadcast(id_16, src=0)
+        return bytes(id_16.cpu().tolist()).hex()
+
+    def _set_aside_other_runs(self, run_id: str) -> None:
+        """Rank 0, at a fresh start: move other runs' checkpoints and best weights out of the way."""
+        checkpoints = self.stage_dir / "checkpoints"
+        set_aside_other_runs(checkpoints, run_id)
+        best = self.stage_dir / BEST_WEIGHTS
+        if best.parent.is_dir():  # not this run's: it has only just started
+            owner = str(weights_provenance(best).get("run_id", ""))
+            moved = set_aside(best.parent, checkpoints, owner)
+            log.warning("%s held another run's best weights (%s); moved them aside to %s",
+                        best.parent, owner or "written before runs had ids", moved)
+
+    def _start_run(self, resumed: bool) -> None:
+        """Give the run its id: a new one at a fresh start (after moving other runs' files aside)
+        or when the restored checkpoint predates run ids; a resume otherwise keeps its own."""
+        if self.state.run_id:
+            return
+        # Every rank has looked at the checkpoints (resolve_resume) before rank 0 moves any.
+        self._barrier()
+        run_id = uuid.uuid4().hex if self.dist.is_main else ""
+        if self.dist.is_main and not resumed:
+            self._set_aside_other_runs(run_id)
+        self.state.run_id = self._share_run_id(run_id)
+        if resumed:
+            self._continues_unstamped_run = True
+            log.info("the checkpoint predates run ids: continuing it as run %s", self.state.run_id)
+        else:
+            log.info("starting run %s", self.state.run_id)
+
+    def _own_best_weights(self) -> Optional[Path]:
+        """best/ if this run wrote it (now, or in an attempt this resume continues), else None."""
+        best = self.stage_dir / BEST_WEIGHTS
+        if not best.is_file():
+            return None
+        written = weights_provenance(best)
+        unstamped = "run_id" not in written and self._continues_unstamped_run
+        if written.get("run_id") != self.state.run_id and not unstamped:
+            log.warning("%s was not written by this run (%s), so it is not reported as its best weights",
+                        best, self.state.run_id)
+            return None
+        if not unstamped and written.get("step") != self.state.best_step:
+            # An attempt that died after saving them but before its next checkpoint: the
+            # replay from that checkpoint did not reach them again (on a GPU, not bit for bit).
+            log.warning("%s holds step %s of this run; the restored counters name step %d as the best",
+                        best, written.get("step"), self.state.best_step)
+        return best
+
     def fit(self) -> FitResult:
         resume_from = resolve_resume(self.cfg.resume, self.stage_dir / "checkpoints")
         if resume_from is not None:
             self._restore(resume_from)
+        self._start_run(resumed=resume_from is not None)
         self.model.train()
         stopped_early = False
         window_start, window_samples = time.perf_counter(), 0
@@ -427,11 +514,10 @@ class Trainer:
                 log.info("early stopping at step %d: no improvement in %d evaluations", self.state.step, self.cfg.patience)
                 break
         bar.close()
-        best = self.stage_dir / BEST_WEIGHTS
         return FitResult(
             steps=self.state.step,
             best_step=self.state.best_step,
             best_metric=self.state.best_metric,
             stopped_early=stopped_early,
-            best_weights=best if best.is_file() else None,
+            best_weights=self._own_best_weights(),
         )

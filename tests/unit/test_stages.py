@@ -62,8 +62,8 @@ def test_plan_lists_the_pipeline_and_saves_the_resolved_config(tmp_path, capsys)
     assert cli_main(["plan", f"run.out_dir={out}", "reward.enabled=true"]) == 0
     lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     assert [line[0] for line in lines] == ["data", "tokenize", "pretrain", "reward", "evaluate"]
-    assert [line[1] for line in lines] == ["0", "0", "1", "0", "0"]
-    assert lines[2][2] == str(out / "pretrain" / "export" / "model.safetensors")
+    assert [line[1] for line in lines] == ["0", "0", "1", "0", "0"]  # distributed
+    assert [line[2] for line in lines] == ["1"] * 5  # nothing has run: every stage runs
     assert (out / "config.yaml").is_file()
 
 
@@ -89,3 +89,22 @@ def test_every_stage_input_names_a_stage_that_runs_before_it():
     for position, name in enumerate(order):
         for _, producer in BY_NAME[name].inputs(cfg):
             assert producer in order[:position], (name, producer)
+
+
+def test_a_stage_whose_lock_another_live_process_holds_stops_with_its_pid(tmp_path):
+    import json
+    import os
+    import socket
+
+    from onerec.errors import ResourceError
+    from onerec.locks import lock_path
+    from onerec.stages import run_stage
+
+    run = tmp_path / "run"
+    lock = lock_path(run, "data")
+    lock.parent.mkdir(parents=True)
+    holder = os.getppid()  # alive for as long as this test runs
+    lock.write_text(json.dumps({"pid": holder, "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(ResourceError, match=f"pid {holder}"):
+        run_stage(BY_NAME["data"], load_config(None, ["data.format=movielens", f"run.out_dir={run}"]))
+    assert not (run / "data").exists()

@@ -8,6 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onerec.errors import ConfigError
+from onerec.run_dir import OUTPUT_MARKER
 from onerec.tokenizer.semantic_ids import CODES_FILE, META_FILE, SemanticIds, add_dedup_level, codebook_stats
 
 
@@ -99,7 +101,7 @@ def test_round_trip(tmp_path):
     stats = codebook_stats(torch.tensor([[1, 2], [3, 4]]), [8, 8])
     ids = SemanticIds(torch.tensor([[1, 2, 0], [3, 4, 0]]), [8, 8, 1], 2, stats)
     ids.save(tmp_path / "sid")
-    assert {p.name for p in (tmp_path / "sid").iterdir()} == {CODES_FILE, META_FILE}
+    assert {p.name for p in (tmp_path / "sid").iterdir()} == {CODES_FILE, META_FILE, OUTPUT_MARKER}
     loaded = SemanticIds.load(tmp_path / "sid")
     assert torch.equal(loaded.codes, ids.codes) and loaded.codes.dtype == torch.int64
     assert (loaded.codebook_sizes, loaded.semantic_levels, loaded.stats) == ([8, 8, 1], 2, stats)
@@ -115,6 +117,16 @@ def test_save_replaces_an_old_version_keeps_the_cache_and_leaves_no_temporaries(
     assert SemanticIds.load(target).codes.tolist() == [[1], [0], [2]]
     assert (target / "cache" / "embeddings.safetensors").read_bytes() == b"x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sid"]
+
+
+def test_save_never_replaces_a_directory_onerec_did_not_write(tmp_path):
+    target = tmp_path / "sid"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not written by onerec"):
+        SemanticIds(torch.tensor([[0], [1]]), [2], 1).save(target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sid"]  # no temporaries left
 
 
 def test_load_of_a_missing_directory_says_which_command_to_run(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_training import NUM_EXAMPLES, Toy
 
 from onerec.checkpoint import (
     CheckpointError,
@@ -20,16 +21,6 @@ from onerec.distributed.deepspeed import init_distributed
 from onerec.logging import RunLogger
 from onerec.train.trainer import NonFiniteLossError, Trainer, TrainState, epoch_batches, warmup_cosine
 
-NUM_EXAMPLES = 96
-
-
-class Toy(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def _data():

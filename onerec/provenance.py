@@ -1,0 +1,138 @@
+"""Provenance: what each stage's output was made from, so stale outputs are never used.
+
+When a stage finishes it writes a record:
+
+    <out>/.onerec/provenance/<stage>.json
+        {"stage", "fingerprint", "output_id", "upstream": {stage: output_id}, "config": {key: value},
+         "raw_files": [...] (data only), "onerec": version, "finished": time}
+
+    fingerprint = sha256(stage, onerec version, the config keys the stage reads,
+                         the output_id of every upstream stage it read, [data: the raw files' names,
+                         sizes and modification times])
+    output_id   = a fresh id for each run of the stage: a downstream stage records the exact
+                  output it read, so rerunning a stage (even with the same config) marks what was
+                  made from its old output as stale
+
+A stage's output is fresh when its record's fingerprint equals the fingerprint computed now
+from the current config and the upstream records. Before a stage runs, every upstream output
+it reads must be fresh; otherwise StaleInputError names the first stage to rerun.
+`onerec pipeline` reruns exactly the stages that are not fresh, and everything after them.
+
+Keys that cannot change a stage's output are left out (where outputs go, the device, resume,
+logging). Outputs written by an older onerec have no record: they are trusted, with a warning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from onerec import __version__
+
+log = logging.getLogger("onerec.provenance")
+
+RECORD_DIR = Path(".onerec") / "provenance"
+LEGACY_OUTPUT = "legacy"  # output_id of an output written before records existed
+# Config keys that never change what a stage computes.
+IGNORED_KEYS = ("run.out_dir", "run.device", "train.resume", "data.cache_dir")
+IGNORED_SECTIONS = ("logging",)
+MAX_RAW_FILES = 10_000  # a data.root with more files is fingerprinted by its first 10,000 names
+
+
+@dataclass
+class Record:
+    stage: str
+    fingerprint: str
+    output_id: str
+    upstream: dict[str, str]
+    config: dict[str, Any]
+    raw_files: list = field(default_factory=list)
+    onerec: str = __version__
+    finished: str = ""
+
+
+def record_path(root: Path, stage: str) -> Path:
+    return Path(root) / RECORD_DIR / f"{stage}.json"
+
+
+def read_record(root: Path, stage: str) -> Optional[Record]:
+    path = record_path(root, stage)
+    if not path.is_file():
+        return None
+    return Record(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def write_record(root: Path, record: Record) -> None:
+    path = record_path(root, record.stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def config_subset(config: dict, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The flattened `section.key` values of `config` under `sections` (a section or one key)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        else:
+            flat[prefix] = value
+
+    for section in sections:
+        value: Any = config
+        for part in section.split("."):
+            value = value[part]
+        walk(section, value)
+    return {
+        key: value for key, value in sorted(flat.items())
+        if key not in IGNORED_KEYS and key.split(".")[0] not in IGNORED_SECTIONS
+    }
+
+
+def raw_file_listing(data_root: str) -> list[list]:
+    """[relative path, size, mtime_ns] of the files under data.root: an edited raw file changes it."""
+    if not data_root:
+        return []
+    root = Path(data_root)
+    if root.is_file():
+        stat = root.stat()
+        return [[root.name, stat.st_size, stat.st_mtime_ns]]
+    listing = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            listing.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+            if len(listing) >= MAX_RAW_FILES:
+                break
+    return listing
+
+
+def fingerprint(stage: str, config: dict[str, Any], upstream: dict[str, str], raw_files: list) -> str:
+    payload = {"stage": stage, "onerec": __version__, "config": config, "upstream": upstream, "raw_files": raw_files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def new_record(stage: str, config: dict[str, Any], upstream: dict[str, str], raw_files: list) -> Record:
+    return Record(
+        stage=stage,
+        fingerprint=fingerprint(stage, config, upstream, raw_files),
+        output_id=uuid.uuid4().hex,
+        upstream=upstream,
+        config=config,
+        raw_files=raw_files,
+        finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
