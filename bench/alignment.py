@@ -7,7 +7,8 @@ must enable reward and align), then writes bench/results/alignment_<name>.{json,
 reward model's held-out AUC per signal beside the item-mean baseline, and OneRec's Table 1
 for our model: mean and max reward over the generated sessions, per signal, and Recall/NDCG@10
 of the first generated items, before alignment and after each round, on the same held-out
-(validation) users. --skip-pipeline re-tabulates a finished run.
+(validation) users. --skip-pipeline re-tabulates a finished run. Its figure,
+bench/results/alignment_<name>.png, plots the reward and Recall/NDCG@10 per round.
 """
 
 from __future__ import annotations

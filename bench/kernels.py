@@ -4,7 +4,7 @@
     python bench/kernels.py --device cuda    # GPU: bf16 MoE at T=16384, 3 warmup + 20 repeats
     (B=64, W=50; catalogues of 10k and 1M items)
 
-Writes bench/results/kernels_<device>.{json,md} (<device> = cpu, h100, ...) and prints the
+Writes bench/results/kernels_<device>.{json,md,png} (<device> = cpu, h100, ...) and prints the
 markdown tables.
 
 (a) Constrained decoding, one full decode = L + 1 steps (L = 3 code levels of 256 codes and a
@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -46,7 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from devices import accelerator_name  # noqa: E402  (same folder)
+from devices import accelerator_name, device_slug  # noqa: E402  (same folder)
+from figures import save_figure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEG_INF = float("-inf")
@@ -55,14 +55,6 @@ NEG_INF = float("-inf")
 # ---------------------------------------------------------------------------------------------
 # device, timing
 # ---------------------------------------------------------------------------------------------
-
-
-def device_slug(device: torch.device, name: str) -> str:
-    """cpu, h100, h200, a100, ...: the short name in the result file names."""
-    if device.type == "cpu":
-        return "cpu"
-    match = re.search(r"\b([A-Z]\d{2,4}|L40S?|RTX ?\d{4})\b", name.upper())
-    return (match.group(1) if match else name).lower().replace(" ", "")
 
 
 def sync(device: torch.device) -> None:
@@ -467,6 +459,7 @@ def main(argv=None) -> dict:
     if not args.skip_moe:
         report["moe"], report["moe_config"] = bench_moe(args, device)
     print(write())
+    save_figure(report, stem.with_suffix(".json"))
     return report
 
 

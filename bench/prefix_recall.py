@@ -1,12 +1,13 @@
 """Where a generative recommender loses its hits: Recall@K by code depth, on validation only.
 
-    python bench/prefix_recall.py --run runs/beauty --max-users 4000
+    python bench/prefix_recall.py --run runs/beauty --max-users 4000 [--name beauty]
 
 For each depth d = 1..L: the share of validation users whose target's first d codes are the
 first d codes of at least one of the top-K beams. Depth L (every level, dedup included) is
 the usual item Recall@K; the drop from one depth to the next shows which level of the semantic
 ID the model gets wrong (e.g. a large drop at the dedup level: right group, wrong item in it).
 Beams as in evaluation (eval.beam_width, history left out when eval.exclude_history).
+Prints a markdown table; with --name it also writes bench/results/prefix_recall_<name>.{json,md,png}.
 
 Shape legend: B users in a batch, S history length, W beams, K cutoff, L code levels.
 """
@@ -14,6 +15,8 @@ Shape legend: B users in a batch, S history length, W beams, K cutoff, L code le
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from onerec.inference.beam_search import constrained_beam_search
 from onerec.model.onerec import lookup_codes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import device_name  # noqa: E402  (same folder, same device naming)
+from figures import save_figure  # noqa: E402
+from quality import RESULTS, device_name  # noqa: E402  (same folder, same device naming)
 from validation import load_validation  # noqa: E402  (same export, same validation subset)
 
 
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run", required=True, help="run.out_dir of a finished pretrain (its pretrain/export)")
     parser.add_argument("--max-users", type=int, default=0, help="0: every validation user")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", help="data set name: write bench/results/prefix_recall_<name>.{json,md,png}")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where the result files go (with --name)")
     args = parser.parse_args(argv)
 
     exported, valid, rows = load_validation(args.run, args.max_users, args.device)
@@ -68,13 +74,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     levels = codes_NL.shape[1]
     recall = {f"recall@{k}": [round(int(h) / len(rows), 4) for h in hits[k]] for k in ks}
-    print(f"Validation only, {len(rows)} users, beam {cfg.eval.beam_width}; device: {device_name(args.device)}; "
-          f"`python bench/prefix_recall.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
-    print("| code depth | " + " | ".join(recall) + " |")
-    print("|---|" + "---|" * len(recall))
+    command = f"python bench/prefix_recall.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    lines = [
+        f"Validation only, {len(rows)} users, beam {cfg.eval.beam_width}; device: {device_name(args.device)}; "
+        f"`{command}`",
+        "",
+        "| code depth | " + " | ".join(recall) + " |",
+        "|---|" + "---|" * len(recall),
+    ]
     for depth in range(levels):
         name = f"{depth + 1}" + (" (item)" if depth == levels - 1 else "")
-        print(f"| {name} | " + " | ".join(f"{values[depth]:.4f}" for values in recall.values()) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{values[depth]:.4f}" for values in recall.values()) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.name:
+        result = {
+            "name": args.name, "command": command, "date": datetime.date.today().isoformat(),
+            "device": device_name(args.device), "run": args.run, "users": len(rows),
+            "beam_width": cfg.eval.beam_width, "levels": levels, "recall": recall,
+        }
+        stem = Path(args.results_dir) / f"prefix_recall_{args.name}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        stem.with_suffix(".md").write_text(table, encoding="utf-8")
+        save_figure(result, stem.with_suffix(".json"))
     return recall
 
 

@@ -8,7 +8,8 @@ the same data and split (when the config builds its semantic IDs from SASRec's i
 the pipeline has trained that baseline already and its result is reused), then writes
 bench/results/quality_<name>.{json,md} and prints the table. Hyperparameters come from the
 config, which is chosen on validation only; the test split is scored once, by the evaluate
-stage and by the baseline, at the end.
+stage and by the baseline, at the end. The figure (bench/results/quality_<name>.png) has error
+bars of one standard error over the test users (bench/figures.py).
 --tokenizer-report also quantises the same item embeddings with both tokenizers
 (rq_kmeans and rq_vae) and reports per-level utilization, entropy and collision rate.
 """
@@ -32,6 +33,7 @@ from onerec.paths import RunPaths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import accelerator_name, processor_name  # noqa: E402  (same folder)
+from figures import save_figure  # noqa: E402
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,11 +140,21 @@ def markdown(result: dict) -> str:
 
 
 def write_results(results_dir: Path, stem: str, result: dict, table: str) -> None:
-    """<stem>.json (everything) and <stem>.md (the table), and the table on stdout."""
+    """<stem>.json (everything), <stem>.md (the table), <stem>.png (its figure, drawn from the
+    json's dict), and the table on stdout."""
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results_dir / f"{stem}.json", result)
     (results_dir / f"{stem}.md").write_text(table, encoding="utf-8")
+    save_figure(result, results_dir / f"{stem}.json")
     print(table)
+
+
+def count_test_users(cfg) -> int:
+    """How many users the test split scores (one target each): the n of the figure's error bars."""
+    from onerec.data.prepared import load_prepared
+    from onerec.data.splits import make_splits
+
+    return len(make_splits(load_prepared(RunPaths.of(cfg.run.out_dir).data).sequences, cfg.data)["test"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours": {"valid": metrics["valid"], "test": metrics["test"]},
         "sasrec": {k: sasrec[k] for k in ("valid", "test", "best_epoch", "epochs_run")},
         "popularity": metrics["baselines"]["popularity"],
+        "test_users": count_test_users(cfg),
         "published": published,
         "seconds": {"pipeline": pipeline_seconds, "sasrec": sasrec["wall_seconds"]},
         "sasrec_in_pipeline": sasrec_in_pipeline,

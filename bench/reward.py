@@ -4,7 +4,7 @@
 
 Runs `onerec reward` in a run directory that already holds data/ and semantic_ids/ (from
 `onerec pipeline`, or the `data` and `tokenize` stages), then writes
-bench/results/reward_<name>.{json,md}: per signal the reward model's held-out AUC (binary) or
+bench/results/reward_<name>.{json,md,png}: per signal the reward model's held-out AUC (binary) or
 RMSE (regression), the item-mean baseline and, for binary signals, ranking by popularity. On
 implicit data (the `consumed` signal with reward.negatives) this is the question whether the
 model tells the real next session from one a popularity recommender would have shown.

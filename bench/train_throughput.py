@@ -27,8 +27,9 @@ and reports:
 
 On CPU both ep settings use the same 2 gloo ranks (ep=1: experts replicated, data parallel;
 ep=2: each rank holds half of the experts, tokens exchanged by all-to-all), one thread each.
-On GPU it runs one rank per visible GPU with nccl in bf16 autocast; ep=2 needs 2 GPUs.
-Results: bench/results/train_throughput_<cpu|gpu>.{json,md}.
+On GPU it runs one rank per visible GPU with nccl in bf16 autocast; ep=2 needs 2 GPUs (on one
+GPU it is skipped, and the results say so).
+Results: bench/results/train_throughput_<device>.{json,md,png}, <device> = cpu, h100, h200, ...
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from devices import accelerator_name  # noqa: E402  (same folder)
+from devices import accelerator_name, device_slug  # noqa: E402  (same folder)
+from figures import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -146,11 +148,14 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_reduce(peak_cpu)  # one rank's mean, per CPU second
 
     generator = torch.Generator().manual_seed(info.rank)
-    rows = []
+    rows, skipped = [], []
     for preset in args.presets:
         shape = PRESETS[preset]
         for ep in args.ep:
             if world % ep or shape["num_experts"] % ep:
+                # e.g. ep=2 on a single GPU: there is no second rank to hold half of the experts
+                skipped.append(f"{preset} ep={ep}: needs a multiple of {ep} ranks and of {ep} experts "
+                               f"(have {world} rank(s), {shape['num_experts']} experts)")
                 continue
             torch.manual_seed(0)
             model_cfg = ModelConfig(
@@ -208,6 +213,7 @@ def worker(args: argparse.Namespace) -> None:
     if info.rank == 0:
         Path(args.out).write_text(json.dumps({
             "matmul_flops_per_s": peak.item(), "matmul_flops_per_cpu_s_per_rank": peak_cpu.item(), "rows": rows,
+            "skipped": skipped,
         }))
     dist.barrier()
 
@@ -216,7 +222,7 @@ def worker(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace) -> dict:
     cuda = torch.cuda.is_available()
     world = torch.cuda.device_count() if cuda else 2
-    out = RESULTS / f".train_throughput_worker-{os.getpid()}.json"
+    out = Path(args.results_dir) / f".train_throughput_worker-{os.getpid()}.json"
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -239,9 +245,11 @@ def launch(args: argparse.Namespace) -> dict:
         raise SystemExit(f"bench workers failed with exit codes {codes}")
     result = json.loads(out.read_text())
     out.unlink()
+    name = accelerator_name(cuda)
     return {
-        "device": accelerator_name(cuda),
+        "device": name,
         "device_type": "gpu" if cuda else "cpu",
+        "device_slug": device_slug(torch.device("cuda" if cuda else "cpu"), name),
         "ranks": world,
         "threads_per_rank": None if cuda else 1,
         "precision": "bf16 autocast" if cuda else "fp32",
@@ -281,6 +289,8 @@ def markdown(report: dict) -> str:
             f"| {r['model_flops_per_s'] / 1e9:.2f} | {r['mfu']:.1%} "
             f"| {r['tokens_per_cpu_s']:,.0f} | {r['mfu_cpu_time']:.1%} |"
         )
+    if report.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(report["skipped"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -291,19 +301,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32, help="samples per rank per step")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where the result files go")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)  # the workers write their rows there too
     report = launch(args)
     table = markdown(report)
     print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"train_throughput_{report['device_type']}"
+    stem = Path(args.results_dir) / f"train_throughput_{report['device_slug']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(table)
+    save_figure(report, stem.with_suffix(".json"))
 
 
 if __name__ == "__main__":
