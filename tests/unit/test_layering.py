@@ -1,0 +1,49 @@
+"""Library packages import only downward (DESIGN.md): data < tokenizer < model < train /
+inference < align, and no library module imports a stage module or the CLI. Read from the
+source with ast, so a new upward import fails here rather than in a newcomer's head."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ONEREC = Path(__file__).resolve().parents[2] / "onerec"
+
+# package -> onerec packages it must never import (higher layers).
+FORBIDDEN = {
+    "data": {"tokenizer", "model", "train", "inference", "align", "baselines", "export", "report"},
+    "tokenizer": {"model", "train", "inference", "align", "baselines", "export", "report"},
+    "model": {"data", "tokenizer", "train", "inference", "align", "baselines", "report"},
+    "train": {"tokenizer", "inference", "align", "baselines", "export", "report"},
+    "inference": {"train", "align", "baselines", "report"},
+    "baselines": {"train", "align", "report"},
+    "align": {"baselines", "report"},
+    # report reads any stage's output with that stage's loader: it sits above the libraries.
+    "report": set(),
+}
+NEVER_FROM_LIBRARY = {"stages", "cli"}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onerec."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("onerec."))
+    return names
+
+
+def test_library_packages_import_only_downward():
+    problems = []
+    for package, forbidden in FORBIDDEN.items():
+        for path in sorted((ONEREC / package).rglob("*.py")):
+            bad = _imported_packages(path) & (forbidden | NEVER_FROM_LIBRARY)
+            if bad:
+                problems.append(f"{path.relative_to(ONEREC.parent)} imports onerec.{', onerec.'.join(sorted(bad))}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_walk_sees_real_imports():
+    assert "config" in _imported_packages(ONEREC / "data" / "splits.py")
+    assert "stages" in _imported_packages(ONEREC / "cli.py")
