@@ -408,6 +408,31 @@ def prefix_recall_figure(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def pretrain_data_memory_figure(result: dict, path: Path) -> Path:
+    """bench/pretrain_data_memory.py: bytes of training data per interaction, dense prefixes
+    (before) against the CSR examples gathered per batch (after), as the log grows."""
+    plt = _pyplot()
+    rows = result["rows"]
+    sizes = [row["interactions"] for row in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    ax.plot(sizes, [row["before"]["host_bytes_per_interaction"] for row in rows], "o-", color=BASELINE,
+            label="before: dense [prefixes, S] arrays (host)")
+    ax.plot(sizes, [row["before"]["device_bytes_gpu_per_interaction"] for row in rows], "s--", color=BASELINE_2,
+            label="before: the same copied to every device")
+    ax.plot(sizes, [row["after"]["host_bytes_per_interaction"] for row in rows], "o-", color=OURS,
+            label="after: CSR + permutation (host; one batch on the device)")
+    ax.axhline(12, color="grey", linestyle=":", linewidth=1, label="target: 12 bytes per interaction")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("interactions in the log")
+    ax.set_ylabel("bytes per interaction")
+    ax.set_title(f"Pretraining data memory per rank (S={result.get('max_history')}, M={result.get('session_len')})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _caption(fig, result)
+    return _save(fig, path)
+
+
 FIGURES = {
     "quality": quality_figure,
     "kernels": kernels_figure,
@@ -415,6 +440,7 @@ FIGURES = {
     "alignment": alignment_figure,
     "reward": reward_figure,
     "prefix_recall": prefix_recall_figure,
+    "pretrain_data_memory": pretrain_data_memory_figure,
 }
 
 

@@ -7,6 +7,13 @@ With parallel.expert_parallel_size = ep > 1 every rank holds E / ep experts of e
 layer (onerec.distributed.expert_parallel); the trainer gathers them for checkpoints and
 best weights, so the export holds the full expert set and resuming needs nothing special.
 
+Training data stays on the host in compact form (onerec.data.splits.Examples: int32 items in
+CSR, a few numbers per user) and each step gathers only its own batch's (history, target) rows
+and copies them to the device. With the trainer's int32 permutation of the examples
+(onerec.data.sampler) that is ~8 bytes per interaction per rank, where a dense
+[num_examples, S + M + 1] int64 copy on every device took ~(S + M + 1) x 8
+(bench/results/pretrain_data_memory_cpu.md).
+
 Shape legend: B batch, S history length, M session items, L code levels, N items.
 """
 
@@ -48,6 +55,10 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
     semantic_ids = SemanticIds.load(paths.require(paths.semantic_ids, "tokenize"))
     splits = make_splits(prepared.sequences, cfg.data)
     train, valid = splits["train"], splits["valid"]
+    # The splits hold their own compact copy of the items: drop the int64 sequences (items and
+    # orders, 16 bytes per interaction) and the test split, which pretraining never reads.
+    item_table = prepared.items
+    del prepared, splits
     log.info("training examples: %d, validation users: %d", len(train), len(valid))
 
     codes_NL = semantic_ids.codes.to(device)
@@ -58,19 +69,17 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
     # ep>1 the same function.
     apply_expert_parallel(model, cfg.parallel.expert_parallel_size)
 
-    history_NS = torch.as_tensor(train.history, device=device)
-    target_NM = torch.as_tensor(train.target, device=device)
-    user_N = torch.as_tensor(train.user, device=device)
     use_user_token = cfg.model.user_buckets > 0
     moe = cfg.model.moe
     token_rate = RateMeter(cfg.train.log_every)
 
     def step_fn(engine, indices: torch.Tensor):
-        indices = indices.to(device)
-        history_BS = history_NS[indices]
+        batch = train.gather(indices.numpy())  # this step's rows only, gathered on the host
+        history_BS = torch.from_numpy(batch.history).to(device)
         history_codes_BSL = lookup_codes(history_BS, codes_NL)
-        target_codes_BML = lookup_codes(target_NM[indices], codes_NL)
-        output = engine(history_codes_BSL, target_codes_BML, user_N[indices] if use_user_token else None, history_BS)
+        target_codes_BML = lookup_codes(torch.from_numpy(batch.target).to(device), codes_NL)
+        user_B = torch.from_numpy(batch.user).to(device) if use_user_token else None
+        output = engine(history_codes_BSL, target_codes_BML, user_B, history_BS)
         ntp, _ = next_token_loss(
             output.logits_BMLC, target_codes_BML, model.code_mask_LC, cfg.train.label_smoothing
         )
@@ -146,8 +155,9 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
                 f"{paths.pretrain / 'best'} holds no best weights of this training run (validation NDCG@10 "
                 f"was never finite, or they were removed): nothing to export; start afresh with train.resume=none"
             )
-        items = prepared.items
-        export_model(paths.export, result.best_weights, cfg, semantic_ids, list(items["raw_id"]), list(items["title"]))
+        export_model(
+            paths.export, result.best_weights, cfg, semantic_ids, list(item_table["raw_id"]), list(item_table["title"])
+        )
     if dist_info.world_size > 1:
         torch.distributed.barrier()
     return paths.pretrain

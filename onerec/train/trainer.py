@@ -2,7 +2,8 @@
 validation with early stopping, best-weights copy, atomic resumable checkpoints.
 
 Data order is a pure function of (seed, epoch): each epoch is a seeded permutation of
-example indices, split into global batches, each rank taking its slice. A checkpoint
+example indices, split into global batches, each rank taking its slice (the sampler,
+onerec.data.sampler.DistributedBatchSampler). A checkpoint
 therefore only needs the step counter to find its place again, plus each rank's torch RNG
 state for dropout; a resumed CPU run reproduces the uninterrupted run's losses exactly, also
 when torchrun restarts a whole multi-process job after one of its ranks died.
@@ -65,6 +66,7 @@ from onerec.checkpoint import (
     write_rank_state,
 )
 from onerec.config import TrainConfig
+from onerec.data.sampler import DistributedBatchSampler
 from onerec.distributed.deepspeed import DistInfo, autocast_dtype, build_engine
 from onerec.distributed.expert_parallel import (
     expert_parallel_state_dict,
@@ -134,15 +136,7 @@ def epoch_batches(
     num_examples: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int
 ) -> list[torch.Tensor]:
     """This rank's example indices for each step of `epoch` (the last global batch may be short)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_examples, generator=generator)
-    global_batch = batch_size * world_size
-    batches = []
-    for start in range(0, num_examples, global_batch):
-        chunk = order[start : start + global_batch]
-        per_rank = math.ceil(len(chunk) / world_size)
-        batches.append(chunk[rank * per_rank : (rank + 1) * per_rank])
-    return batches
+    return DistributedBatchSampler(num_examples, batch_size, seed, rank, world_size).epoch_batches(epoch)
 
 
 @dataclass
@@ -183,7 +177,8 @@ class Trainer:
         self.logger = run_logger
         self.config_dict = config_dict
         self.seed = seed
-        self.steps_per_epoch = math.ceil(num_examples / (cfg.batch_size * dist_info.world_size))
+        self.sampler = DistributedBatchSampler(num_examples, cfg.batch_size, seed, dist_info.rank, dist_info.world_size)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         by_epochs = cfg.max_epochs * self.steps_per_epoch
         self.total_steps = min(by_epochs, cfg.max_steps) if cfg.max_steps > 0 else by_epochs
         self.autocast = autocast_dtype(cfg.precision, dist_info.device)
@@ -358,13 +353,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _batches_from(self, step: int) -> Iterator[torch.Tensor]:
-        epoch, offset = divmod(step, self.steps_per_epoch)
-        while True:
-            batches = epoch_batches(
-                self.num_examples, self.cfg.batch_size, self.seed, epoch, self.dist.rank, self.dist.world_size
-            )
-            yield from batches[offset:]
-            epoch, offset = epoch + 1, 0
+        return self.sampler.batches_from(step)
 
     def _evaluate(self) -> bool:
         """Run validation, keep the best weights; True when early stopping should end the run."""

@@ -82,6 +82,14 @@ SAMPLES = {
         **RUN, "users": 500, "beam_width": 20, "levels": 4,
         "recall": {"recall@5": [0.3, 0.12, 0.07, 0.05], "recall@10": [0.4, 0.2, 0.1, 0.08]},
     },
+    "pretrain_data_memory": {
+        **RUN, "max_history": 20, "session_len": 1,
+        "rows": [
+            {"interactions": n, "before": {"host_bytes_per_interaction": b, "device_bytes_gpu_per_interaction": d},
+             "after": {"host_bytes_per_interaction": a}}
+            for n, b, d, a in ((10**6, 180.8, 123.3, 9.2), (10**7, 198.1, 170.7, 8.1))
+        ],
+    },
 }
 
 
