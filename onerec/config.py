@@ -514,23 +514,118 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     try:
         if path is not None:
             path = Path(path)
-            merged = OmegaConf.merge(merged, _load_yaml_mapping(path))
+            loaded = _load_yaml_mapping(path)
+            try:
+                _refuse_missing(loaded, f"config file {path}")
+                merged = OmegaConf.merge(merged, loaded)
+            except (ConfigError, OmegaConfBaseException):
+                raise  # complete already, or reported below with the key
+            except TypeError as err:
+                raise ConfigError(f"config file {path}: {_container_clash(loaded, err)}") from None
+            except _PYTHON_LIMITS as err:
+                raise ConfigError(f"config file {path}: {_limit_problem(err)}") from None
         if overrides:
             for item in overrides:
                 if "=" not in item:
-                    raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+                    raise ConfigError(f"override {_shown(item)}: expected key=value, e.g. train.lr=3e-4")
             for item in overrides:  # one at a time, so an unparsable value names its override
+                given = OmegaConf.create()
                 try:
-                    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+                    given = OmegaConf.from_dotlist([item])
+                    _refuse_missing(given, f"override {_shown(item)}")
+                    merged = OmegaConf.merge(merged, given)
+                except (ConfigError, OmegaConfBaseException):
+                    raise  # complete already, or reported below with the key
                 except yaml.YAMLError as err:  # the value is parsed as YAML
-                    raise ConfigError(f"override {item!r}: {_yaml_problem(err)}") from None
+                    raise ConfigError(f"override {_shown(item)}: {_yaml_problem(err)}") from None
+                except TypeError as err:
+                    raise ConfigError(f"override {_shown(item)}: {_container_clash(given, err)}") from None
+                except _PYTHON_LIMITS as err:
+                    raise ConfigError(f"override {_shown(item)}: {_limit_problem(err)}") from None
         return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
     except ConfigKeyError as err:
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"unknown config key{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+        raise ConfigError(f"unknown config key{where}: {_omegaconf_problem(err, with_key=False)}") from None
     except OmegaConfBaseException as err:
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"invalid config{where}: {err}") from None
+        raise ConfigError(f"invalid config{where}: {_omegaconf_problem(err)}") from None
+
+
+# What Python itself refuses while a value is read: a number with more digits than int()
+# converts (ValueError), an int too large for a float field (OverflowError), YAML nested
+# deeper than the recursion limit (RecursionError). OmegaConf's own errors are reported apart.
+_PYTHON_LIMITS = (ValueError, OverflowError, RecursionError)
+
+
+def _limit_problem(err: Exception) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply (lists or mappings inside each other hundreds of levels down)"
+    text = " ".join(str(err).split())
+    if isinstance(err, OverflowError):
+        return f"a number too large for its field ({text})"
+    if "integer string conversion" in text:
+        return "a number with more digits than Python reads (over 4,300)"
+    return text or type(err).__name__
+
+
+def _refuse_missing(given: DictConfig, where: str) -> None:
+    """ConfigError for a value written as '???': OmegaConf's mark for "missing", which a merge
+    skips, so the default would stay in place without a word."""
+    def walk(value: Any, key: str) -> Optional[str]:
+        if isinstance(value, dict):
+            items = ((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            items = ((f"{key}[{i}]", v) for i, v in enumerate(value))
+        else:
+            return key if value == "???" else None
+        return next((found for found in (walk(v, k) for k, v in items) if found), None)
+
+    key = walk(OmegaConf.to_container(given, resolve=False), "")
+    if key:
+        raise ConfigError(f"{where}: {key}=???: give a value ('???' marks a missing one, which would leave the default)")
+
+
+def _container_clash(given: DictConfig, err: TypeError) -> str:
+    """Where `given` holds a mapping that the schema has as a list, or the reverse: OmegaConf's
+    merge raises a bare TypeError ("Cannot merge incompatible container types") for those."""
+    schema = OmegaConf.to_container(OmegaConf.structured(RootConfig))
+
+    def search(expected: Any, value: Any, prefix: str) -> Optional[str]:
+        for key, item in value.items():
+            if not isinstance(expected, dict) or key not in expected:
+                continue
+            want, path = expected[key], f"{prefix}{key}"
+            if isinstance(want, list) and isinstance(item, dict):
+                return f"{path}: expected a list, got a mapping"
+            if isinstance(want, dict) and isinstance(item, list):
+                return f"{path}: expected a mapping, got a list"
+            if isinstance(want, dict) and isinstance(item, dict):
+                found = search(want, item, f"{path}.")
+                if found:
+                    return found
+        return None
+
+    try:
+        found = search(schema, OmegaConf.to_container(given, resolve=False), "")
+    except (OmegaConfBaseException, TypeError, ValueError):  # only a better message is at stake here
+        found = None
+    return found or " ".join(str(err).split()) or "a value of the wrong kind"
+
+
+def _omegaconf_problem(err: OmegaConfBaseException, with_key: bool = True) -> str:
+    """'<full key>: <problem>' on one line: OmegaConf's messages append lines of its own
+    (full_key, reference_type, object_type) that say nothing more to a user."""
+    lines = str(getattr(err, "msg", None) or err).strip().splitlines()
+    problem = lines[0].strip() if lines else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{key}: {problem}" if with_key and key else problem
+
+
+def _shown(item: str, limit: int = 100) -> str:
+    """An override as a message quotes it: whole, or its start and its length when long."""
+    return repr(item) if len(item) <= limit else f"{item[: limit - 20]!r}... ({len(item):,} characters)"
 
 
 def _load_yaml_mapping(path: Path) -> DictConfig:
@@ -562,18 +657,32 @@ def _load_yaml_mapping(path: Path) -> DictConfig:
                 f"expected a mapping of sections (run:, data:, model:, ...), found {kind}"
             )
         loaded = OmegaConf.load(io.StringIO(text))  # OmegaConf's own YAML rules (1e-3 is a float)
+    except ConfigError:
+        raise
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path}{_yaml_problem(err, with_position=True)}") from None
+        raise ConfigError(f"config file {path}{_yaml_problem(err, with_position=True, text=text)}") from None
+    except _PYTHON_LIMITS as err:
+        raise ConfigError(f"config file {path}: {_limit_problem(err)}") from None
     if not isinstance(loaded, DictConfig):  # compose said mapping; keep the merge below safe regardless
         raise ConfigError(f"config file {path}: expected a mapping of sections (run:, data:, model:, ...)")
     return loaded
 
 
-def _yaml_problem(err: yaml.YAMLError, with_position: bool = False) -> str:
-    """'<problem> (<context> at line L, column C)' for a YAML error, 1-based; with_position
-    puts the problem's own position first: ', line L, column C: <problem> (...)'."""
+def _yaml_problem(err: yaml.YAMLError, with_position: bool = False, text: Optional[str] = None) -> str:
+    """'<problem> (<context> at line L, column C)' for a YAML error, 1-based, on one line;
+    with_position puts the problem's own position first: ', line L, column C: <problem> (...)'
+    (`text`, the document, locates a character the reader refused)."""
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow (a control character)
+        character = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        problem = f"unacceptable character {character} ({err.reason})"
+        if not with_position or text is None:
+            return f": {problem}" if with_position else f"{problem} at character {err.position + 1}"
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        return f", line {line}, column {column}: {problem}"
     if not isinstance(err, yaml.MarkedYAMLError):
-        return f": {err}" if with_position else str(err)
+        problem = " ".join(str(err).split())  # one line
+        return f": {problem}" if with_position else problem
     mark = err.problem_mark or err.context_mark
     problem = err.problem or err.context or "invalid YAML"
     context = ""

@@ -38,7 +38,7 @@ def load_amazon2014(root: Path, bad: BadRows) -> RawLog:
             continue
         first_line[user] = number
         for position, item in enumerate(fields[1:]):
-            if not item.isdigit():
+            if not item.isdecimal():
                 bad.bad("non-numeric field", seq_path.name, number, f"item #{position + 1}", f"expected an integer item id, got {item!r}")
                 continue
             users.append(user)
@@ -58,7 +58,8 @@ def load_amazon2014(root: Path, bad: BadRows) -> RawLog:
                 try:
                     record = json.loads(raw)
                     item_id = record["item_id"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                # JSONDecodeError is a ValueError, and so is a number past int()'s 4,300 digits
+                except (ValueError, KeyError, TypeError) as err:
                     bad.bad("malformed line", items_path.name, number, "item_id", f"expected a JSON object with item_id ({err})")
                     continue
                 if not _usable_id(item_id, bad, items_path.name, number, "item_id"):
@@ -105,10 +106,13 @@ def _object_pairs(pairs: list) -> dict:
 
 
 def _read_json(path: Path):
+    text = read_text(path)  # bytes that are not UTF-8: its own located DataError
     try:
-        return json.loads(read_text(path), object_pairs_hook=_object_pairs)
+        return json.loads(text, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as err:
         raise DataError(path.name, err.lineno, "*", f"invalid JSON: {err.msg}") from None
+    except ValueError as err:  # a number past int()'s 4,300 digits: valid JSON Python cannot read
+        raise DataError(path.name, "", "*", f"unreadable JSON: {err}") from None
 
 
 def _entries(document: dict) -> list:
@@ -140,7 +144,7 @@ def load_amazon2018(root: Path, bad: BadRows) -> RawLog:
             bad.bad("malformed line", inter_path.name, f"entry {entry}", user, "expected a list of item ids")
             continue
         for position, item in enumerate(seq):
-            if isinstance(item, bool) or not isinstance(item, (int, str)) or not str(item).isdigit():
+            if isinstance(item, bool) or not isinstance(item, (int, str)) or not str(item).isdecimal():
                 bad.bad("non-numeric field", inter_path.name, f"entry {entry}", f"{user}[{position}]",
                         f"expected an integer item id, got {item!r}")
                 continue

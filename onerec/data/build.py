@@ -17,6 +17,7 @@ order: numerically when every id is a number, else lexicographically.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,22 @@ from onerec.errors import ConfigError, DataError
 log = logging.getLogger("onerec.data")
 
 
+def _number_key(raw_id: str) -> tuple[int, str]:
+    """Sorts decimal ids in their integer order at any length: int() refuses strings of more
+    than 4,300 digits (a 200 KB numeric id is data, not a reason to fail). Digits of other
+    scripts (Arabic-Indic, full-width) count by their value, as int() reads them."""
+    if not raw_id.isascii():
+        raw_id = "".join(str(unicodedata.decimal(c)) for c in raw_id)
+    digits = raw_id.lstrip("0")
+    return len(digits), digits
+
+
 def natural_order(ids: list[str]) -> list[str]:
-    if all(i.isdigit() for i in ids):
-        return sorted(ids, key=int)
+    """Numerically when every id is a decimal number, else lexicographically. Equal numbers
+    ("7", "007") keep their order in `ids`. Only decimal digits make a number: "²" passes
+    str.isdigit() but is no integer."""
+    if all(i.isdecimal() for i in ids):
+        return sorted(ids, key=_number_key)
     return sorted(ids)
 
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from onerec.config import DataConfig
 from onerec.data.errors import BadRows, DataError
 from onerec.data.readers import (
-    allow_long_csv_fields, check_one_time_kind, open_text, parse_number, parse_time, require_file,
+    allow_long_csv_fields, check_one_time_kind, open_text, parse_number, parse_time, read_parquet, require_file,
 )
 from onerec.data.schema import RawItems, RawLog
 
@@ -32,7 +31,7 @@ def _is_datetime(kind: pa.DataType) -> bool:
 def _rows(path: Path, cfg: DataConfig, required: list[str]):
     """(location, {column: str value}) for each row, plus a header check naming the missing column."""
     if path.suffix == ".parquet" or cfg.format == "parquet":
-        table = pq.read_table(path)
+        table = read_parquet(path)
         if table.num_rows == 0:
             raise DataError(path.name, "", "*", "the file has no rows")
         missing = [c for c in required if c not in table.column_names]

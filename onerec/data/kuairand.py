@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from onerec.data.errors import BadRows, DataError
-from onerec.data.readers import INT64_MAX, INT64_MIN, require_file, times_in_range
+from onerec.data.readers import INT64_MAX, INT64_MIN, read_parquet, require_file, times_in_range
 from onerec.data.schema import RawItems, RawLog
 
 SIGNALS = ("is_click", "is_like", "is_follow", "long_view", "watch_ratio")
@@ -43,10 +42,7 @@ AUTHOR_HASH_DIMS = 16  # a fixed random +-1 code per author, so one author's vid
 
 def _read(path: Path, columns: tuple[str, ...]) -> pa.Table:
     require_file(path, path.stem)
-    try:
-        table = pq.read_table(path)
-    except pa.ArrowInvalid as err:
-        raise DataError(path.name, "", "*", f"not a readable parquet file ({err})") from None
+    table = read_parquet(path)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(path.name, 1, missing[0], f"column missing; expected at least {', '.join(columns)}")

@@ -26,6 +26,7 @@ from typing import IO, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from onerec.data.errors import BadRows, DataError
 from onerec.errors import MissingInputError
@@ -71,6 +72,21 @@ def open_text(path: Path, encoding: str = "utf-8", newline: str | None = "") -> 
             yield handle
     except UnicodeDecodeError:
         raise _decoding_error(path, "utf-8" if codec == "utf-8-sig" else encoding) from None
+
+
+def read_parquet(path: Path) -> pa.Table:
+    """The whole Parquet file `path`, fully validated (offsets, and UTF-8 in string columns,
+    which pyarrow does not check on read). A file that is not Parquet, or is damaged, is a
+    DataError naming it, with pyarrow's reason on one line: pyarrow reports damage as
+    ArrowInvalid, OSError (a footer it cannot deserialize), NotImplementedError (an encoding
+    or type it does not know) or MemoryError (a length field that asks for terabytes)."""
+    try:
+        table = pq.read_table(path)
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(path.name, "", "*", f"not a readable Parquet file ({reason[:300]})") from None
+    return table
 
 
 def read_text(path: Path) -> str:

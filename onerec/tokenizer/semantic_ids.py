@@ -10,11 +10,13 @@ Shape legend: N items, L code levels.
 On disk (`SemanticIds.save`):
     <dir>/codes.safetensors    {"codes": [N, L] int64}
     <dir>/semantic_ids.json    {"codebook_sizes", "semantic_levels", "stats"}
+    <dir>/manifest.json        sha256 and size of both, verified by `SemanticIds.load`
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,13 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from onerec.checkpoint import verify_files, write_manifest
+from onerec.errors import CorruptFileError
 from onerec.run_dir import is_onerec_output, replace_directory
+
+log = logging.getLogger("onerec.tokenizer")
 
 CODES_FILE = "codes.safetensors"
 META_FILE = "semantic_ids.json"
 OUTPUT_KIND = "semantic_ids"
+MANIFEST_FILE = "manifest.json"
 CACHE_DIR = "cache"  # the tokenize stage's embedding cache lives here and survives a re-save
 
 
@@ -73,6 +81,9 @@ class SemanticIds:
             "stats": self.stats,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        # Checked on load: a damaged or edited codes file would otherwise train and score a
+        # model on the wrong items without a word.
+        write_manifest(tmp / MANIFEST_FILE, tmp, [CODES_FILE, META_FILE])
         keep = directory / CACHE_DIR
         try:
             # The embedding cache survives a re-run; it is moved only out of a directory that
@@ -89,9 +100,17 @@ class SemanticIds:
         directory = Path(directory)
         if not (directory / META_FILE).is_file() or not (directory / CODES_FILE).is_file():
             raise FileNotFoundError(f"{directory}: no {META_FILE} / {CODES_FILE}; run `onerec tokenize` first")
-        meta = json.loads((directory / META_FILE).read_text())
-        codes = load_file(str(directory / CODES_FILE))["codes"]
-        return cls(codes, [int(s) for s in meta["codebook_sizes"]], int(meta["semantic_levels"]), meta.get("stats", {}))
+        if (directory / MANIFEST_FILE).is_file():
+            verify_files(directory, directory / MANIFEST_FILE)
+        else:
+            log.warning("%s has no %s (written by an older onerec): its codes are not verified; "
+                        "rerun `onerec tokenize` to add one", directory, MANIFEST_FILE)
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+            codes = load_file(str(directory / CODES_FILE))["codes"]
+            return cls(codes, [int(s) for s in meta["codebook_sizes"]], int(meta["semantic_levels"]), meta.get("stats", {}))
+        except (SafetensorError, ValueError, KeyError, TypeError) as err:
+            raise CorruptFileError(f"{directory}: unreadable semantic IDs ({err}); rerun `onerec tokenize`") from None
 
 
 def add_dedup_level(codes_NL: torch.Tensor, priority_N: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, int]:

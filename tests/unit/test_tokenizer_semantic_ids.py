@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from onerec.errors import ConfigError
 from onerec.run_dir import OUTPUT_MARKER
-from onerec.tokenizer.semantic_ids import CODES_FILE, META_FILE, SemanticIds, add_dedup_level, codebook_stats
+from onerec.tokenizer.semantic_ids import CODES_FILE, MANIFEST_FILE, META_FILE, SemanticIds, add_dedup_level, codebook_stats
 
 
 def test_dedup_numbers_items_sharing_a_tuple_in_item_order():
@@ -101,7 +101,7 @@ def test_round_trip(tmp_path):
     stats = codebook_stats(torch.tensor([[1, 2], [3, 4]]), [8, 8])
     ids = SemanticIds(torch.tensor([[1, 2, 0], [3, 4, 0]]), [8, 8, 1], 2, stats)
     ids.save(tmp_path / "sid")
-    assert {p.name for p in (tmp_path / "sid").iterdir()} == {CODES_FILE, META_FILE, OUTPUT_MARKER}
+    assert {p.name for p in (tmp_path / "sid").iterdir()} == {CODES_FILE, META_FILE, MANIFEST_FILE, OUTPUT_MARKER}
     loaded = SemanticIds.load(tmp_path / "sid")
     assert torch.equal(loaded.codes, ids.codes) and loaded.codes.dtype == torch.int64
     assert (loaded.codebook_sizes, loaded.semantic_levels, loaded.stats) == ([8, 8, 1], 2, stats)
@@ -141,3 +141,20 @@ def test_inconsistent_semantic_ids_are_rejected():
         SemanticIds(torch.tensor([[0, 1]]), [2, 2], 3)
     with pytest.raises(ValueError, match="integer"):
         SemanticIds(torch.tensor([[0.5]]), [2], 1)
+
+
+def test_a_changed_or_damaged_codes_file_is_refused_on_load(tmp_path):
+    """An edited code (still a valid value) or a broken header: a user error, never silently
+    wrong items nor a traceback."""
+    from safetensors.torch import save_file
+
+    from onerec.errors import CorruptFileError
+
+    SemanticIds(torch.tensor([[1, 2, 0], [3, 4, 0]]), [8, 8, 1], 2).save(tmp_path / "sid")
+    save_file({"codes": torch.tensor([[1, 2, 0], [3, 5, 0]])}, str(tmp_path / "sid" / CODES_FILE))
+    with pytest.raises(CorruptFileError, match="checksum mismatch|truncated"):
+        SemanticIds.load(tmp_path / "sid")
+    (tmp_path / "sid" / MANIFEST_FILE).unlink()  # as written by an older onerec
+    (tmp_path / "sid" / CODES_FILE).write_bytes(b"\xff" * 64)
+    with pytest.raises(CorruptFileError, match="unreadable semantic IDs"):
+        SemanticIds.load(tmp_path / "sid")
