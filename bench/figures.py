@@ -433,6 +433,58 @@ def pretrain_data_memory_figure(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def scale_figure(result: dict, path: Path) -> Path:
+    """bench/scale.py: wall time and peak RSS of each stage process against the rows of the log,
+    log-log, with a line of slope 1 (linear growth) through each stage's largest size."""
+    plt = _pyplot()
+    labels = {"data": "data", "tokenize": "tokenize (K ~ sqrt(items))", "pretrain": "pretrain (20 steps)",
+              "tokenize_onerec": "tokenize, K = 8192"}
+    styles = {"data": ("o-", OURS), "tokenize": ("s-", BASELINE), "pretrain": ("^-", BASELINE_2),
+              "tokenize_onerec": ("D--", PUBLISHED)}
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.4))
+    unfinished = []
+    for name, label in labels.items():
+        points = []
+        for size in result["sizes"]:
+            stage = size["stages"].get(name)
+            if stage and stage["status"] == "ok":
+                points.append((size["rows"], stage["wall_s"], stage["peak_rss_bytes"] / 2**30))
+            elif stage:
+                unfinished.append(f"{label} at {size['rows']:,} rows: {stage['status']}")
+        if not points:
+            continue
+        marker, colour = styles[name]
+        rows = [p[0] for p in points]
+        for ax, column in ((ax_t, 1), (ax_m, 2)):
+            ax.plot(rows, [p[column] for p in points], marker, color=colour, label=label)
+            if len(points) > 1:  # slope 1 through the largest size, over the last decade before it
+                span = [max(rows[0], rows[-1] / 10), rows[-1]]
+                ax.plot(span, [points[-1][column] * r / rows[-1] for r in span], ":", color=colour, linewidth=1.2)
+    from matplotlib.ticker import FuncFormatter
+
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        # plain numbers (0.5, 2, 40) rather than powers of ten: the y ranges span few decades
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
+        ax.set_xlabel("interactions in the log (rows)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    ax_t.set_ylabel("wall time of the stage process (s)")
+    ax_t.set_title("Time per stage")
+    ax_m.set_ylabel("peak RSS of the stage process (GiB)")
+    ax_m.set_title("Peak host memory per stage")
+    settings = result.get("settings", {})
+    fig.suptitle(f"Growth with the log: {settings.get('rows_per_user', '?')} rows per user and "
+                 f"{settings.get('rows_per_item', '?')} per item, Zipf s = {settings.get('zipf', '?')}")
+    fig.tight_layout()
+    _caption(fig, result, "Dotted: linear growth (slope 1) through each stage's largest size, over the decade "
+             "below it. Wall time includes process start-up and imports; peak RSS is the process's ru_maxrss.",
+             ("Did not finish: " + "; ".join(unfinished) + ".") if unfinished else "")
+    return _save(fig, path)
+
+
 FIGURES = {
     "quality": quality_figure,
     "kernels": kernels_figure,
@@ -441,6 +493,7 @@ FIGURES = {
     "reward": reward_figure,
     "prefix_recall": prefix_recall_figure,
     "pretrain_data_memory": pretrain_data_memory_figure,
+    "scale": scale_figure,
 }
 
 

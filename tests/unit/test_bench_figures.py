@@ -90,6 +90,18 @@ SAMPLES = {
             for n, b, d, a in ((10**6, 180.8, 123.3, 9.2), (10**7, 198.1, 170.7, 8.1))
         ],
     },
+    "scale": {
+        **RUN, "settings": {"rows_per_user": 100, "rows_per_item": 100, "zipf": 1.0},
+        "sizes": [
+            {"rows": n, "stages": {
+                "data": {"status": "ok", "wall_s": 2.0 * n / 1e5, "peak_rss_bytes": 4e8 + 400 * n},
+                "tokenize": {"status": "ok", "wall_s": 8.0 + n / 1e5, "peak_rss_bytes": 5e8 + 10 * n},
+                "pretrain": {"status": "ok", "wall_s": 30.0 + n / 1e6, "peak_rss_bytes": 7e8 + 20 * n},
+                **({"tokenize_onerec": {"status": "timed out", "reason": "killed after 1800 s"}} if n >= 10**7 else {}),
+            }}
+            for n in (10**5, 10**6, 10**7)
+        ],
+    },
 }
 
 
