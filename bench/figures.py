@@ -485,6 +485,34 @@ def scale_figure(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def kmeans_scale_figure(result: dict, path: Path) -> Path:
+    """bench/kmeans_scale.py: wall time and peak RSS of residual k-means against the number of
+    items, one line per (levels x codebook, mode)."""
+    plt = _pyplot()
+    fig, (ax_time, ax_rss) = plt.subplots(1, 2, figsize=(11.5, 4.6))
+    series: dict[str, list[dict]] = {}
+    for row in result["results"]:
+        series.setdefault(f"{row['levels']} x {row['k']}, {row['mode']}, iters {row['iters']}", []).append(row)
+    for i, (name, rows) in enumerate(sorted(series.items())):
+        rows = sorted(rows, key=lambda r: r["n"])
+        n = [r["n"] for r in rows]
+        style = {"color": plt.cm.tab10(i % 10), "marker": "os^Dv"[i % 5], "label": name}
+        ax_time.plot(n, [r["total_s"] / 60 for r in rows], "-", **style)
+        ax_rss.plot(n, [r["peak_rss_mb"] / 1024 for r in rows], "-", **style)
+    for ax, label in ((ax_time, "wall time (min)"), (ax_rss, "peak RSS (GiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("items N")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    ax_time.legend(fontsize=7)
+    fig.suptitle("Balanced residual k-means at scale (chunked assignment, sampled seeding)")
+    first = result["results"][0] if result["results"] else {}
+    _caption(fig, {"device": first.get("processor"), "date": str(first.get("date", ""))[:10],
+                   "command": first.get("command")})
+    return _save(fig, path)
+
+
 FIGURES = {
     "quality": quality_figure,
     "kernels": kernels_figure,
@@ -493,6 +521,7 @@ FIGURES = {
     "reward": reward_figure,
     "prefix_recall": prefix_recall_figure,
     "pretrain_data_memory": pretrain_data_memory_figure,
+    "kmeans_scale": kmeans_scale_figure,
     "scale": scale_figure,
 }
 

@@ -82,6 +82,13 @@ SAMPLES = {
         **RUN, "users": 500, "beam_width": 20, "levels": 4,
         "recall": {"recall@5": [0.3, 0.12, 0.07, 0.05], "recall@10": [0.4, 0.2, 0.1, 0.08]},
     },
+    "kmeans_scale": {
+        "results": [
+            {**RUN, "n": n, "levels": 3, "k": 8192, "mode": "default", "iters": 5, "total_s": t, "peak_rss_mb": m,
+             "processor": "CPU"}
+            for n, t, m in ((100_000, 234.0, 750.0), (1_000_000, 2022.0, 1874.0))
+        ],
+    },
     "pretrain_data_memory": {
         **RUN, "max_history": 20, "session_len": 1,
         "rows": [
