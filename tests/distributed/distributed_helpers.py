@@ -100,3 +100,35 @@ def final_weights(out: Path) -> dict:
     for checkpoint in checkpoints:
         verify_checkpoint(checkpoint)
     return load_file(checkpoints[-1] / "model.safetensors")
+
+
+def run_ranks(script: Path, out_dir: Path, world: int, env: dict[str, str], timeout: float, what: str) -> list:
+    """Start `python script out_dir` once per rank (RANK / LOCAL_RANK set, on top of `env`,
+    which carries MASTER_ADDR/PORT and WORLD_SIZE), wait for all, and return what each rank
+    saved to out_dir/rank<r>.pt. A timeout kills every rank: a collective mismatch hangs."""
+    import pytest
+    import torch
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(out_dir)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{what} workers timed out (a collective mismatch would hang)")
+        logs.append(out)
+    for r, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {r} failed:\n{logs[r][-6000:]}"
+    # The workers' own result files (tensors and plain containers), written by this test.
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

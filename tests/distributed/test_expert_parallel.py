@@ -16,8 +16,6 @@ they write their results with torch.save and the test compares them here.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,10 +28,6 @@ WORLD = 2
 MICRO_BATCH = 4  # per rank; the global batch is 8 rows
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -128,8 +122,10 @@ def _worker(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------ test side
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from distributed_helpers import free_port, run_ranks  # the test side only, not the workers
+
     out_dir = tmp_path_factory.mktemp("ep")
-    port = _free_port()
+    port = free_port()
     env_base = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -141,30 +137,8 @@ def runs(tmp_path_factory):
         "LOCAL_WORLD_SIZE": str(WORLD),
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(out_dir)],
-            env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
-    for proc in procs:
-        try:
-            # ~15 s on 2 idle cores; the generous limit only catches a hang (a collective
-            # mismatch), not a slow shared machine.
-            out, _ = proc.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("expert-parallel workers timed out (a collective mismatch would hang)")
-        logs.append(out)
-    for r, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {r} failed:\n{logs[r][-6000:]}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # A few seconds on idle cores; the generous limit only catches a hang, not a slow machine.
+    return run_ranks(Path(__file__), out_dir, WORLD, env_base, timeout=900, what="expert-parallel")
 
 
 @pytest.mark.parametrize("zero_stage", ZERO_STAGES)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,10 +29,6 @@ import torch
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _integer_points(n: int, d: int, seed: int) -> torch.Tensor:
@@ -105,39 +99,20 @@ def _worker(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------ test side
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    from distributed_helpers import free_port, run_ranks  # the test side only, not the workers
+
     out_dir = tmp_path_factory.mktemp("rq_kmeans")
     env_base = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "ONEREC_NO_PROGRESS": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(WORLD),
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(out_dir)],
-            env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
-    for proc in procs:
-        try:
-            # A few seconds on idle cores; the limit only catches a hang (a collective mismatch).
-            out, _ = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("sharded k-means workers timed out (a collective mismatch would hang)")
-        logs.append(out)
-    for r, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {r} failed:\n{logs[r][-6000:]}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # A few seconds on idle cores; the generous limit only catches a hang, not a slow machine.
+    return run_ranks(Path(__file__), out_dir, WORLD, env_base, timeout=600, what="sharded k-means")
 
 
 @pytest.mark.parametrize("name, budget", [("assign_dense", None), ("assign_chunked", 5 * 12 * 4)])
