@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every stage in order, training under a distributed launcher, each stage resumable:
+# Every stage in order, tokenize and training under a distributed launcher, each stage resumable:
 #
 #   data [-> baseline] -> tokenize -> pretrain [-> reward] [-> dpo] -> evaluate   (under run.out_dir)
 #
@@ -21,7 +21,7 @@
 # The arguments go to every `onerec <stage>` unchanged: --config FILE and key=value overrides.
 #
 # Env knobs:
-#   LAUNCHER   how the distributed stages (pretrain) run: torchrun (default;
+#   LAUNCHER   how the distributed stages (tokenize, sharding the items; pretrain) run: torchrun (default;
 #              launch/torchrun.sh, see its knobs), deepspeed (launch/deepspeed.sh), slurm
 #              (launch/slurm/pretrain.sbatch inside the current allocation), none (one
 #              plain process)
@@ -43,7 +43,7 @@ if [[ "${FORCE:-0}" == "1" ]]; then
 fi
 plan="$("$ONEREC" plan "${plan_args[@]}" "$@")" || { echo "pipeline: could not resolve the config" >&2; exit 2; }
 
-# distributed STAGE ARGS...: a training stage on every rank of the chosen launcher.
+# distributed STAGE ARGS...: a stage on every rank of the chosen launcher (`distributed` in the stage table).
 distributed() {
     local stage="$1"
     shift

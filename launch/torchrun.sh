@@ -14,7 +14,8 @@
 # key=value config overrides (see `onerec pretrain --help`).
 #
 # Env knobs:
-#   STAGE           onerec command to run (default pretrain, the one distributed stage)
+#   STAGE           onerec command to run (default pretrain; tokenize shards the items over
+#                   the workers; the stage table's `distributed` stages, see `onerec plan`)
 #   ENTRY           a Python script the workers run instead of the onerec CLI, given
 #                   "$STAGE" and the arguments (e.g. your own driver around onerec.stages)
 #   NPROC_PER_NODE  processes per node (default: the node's GPU count, 1 without a GPU)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from onerec.align.dpo import dpo_loss, select_pairs, session_log_prob
 from onerec.align.reward_scorer import RewardScorer
 from onerec.config import AlignConfig
+from onerec.data.splits import Examples
 from onerec.inference.beam_search import constrained_beam_search, generate_sessions
 from onerec.inference.metrics import MetricAccumulator
 from onerec.logging import progress_disabled
@@ -47,9 +48,28 @@ class Prompts:
         return Prompts(self.user[rows], self.history[rows], self.target[rows])
 
 
-def latest_training_prompts(user: np.ndarray, history: np.ndarray, target: np.ndarray) -> Prompts:
-    """Each user's last training example (the examples are grouped by user, prefixes in order)."""
-    last = np.flatnonzero(np.r_[user[1:] != user[:-1], True]) if len(user) else np.zeros(0, dtype=np.int64)
+def _last_rows(user, history, target) -> np.ndarray:
+    """[B] the row of each user's last example, in row order (the examples are grouped by user).
+
+    From the training split (the columns of one onerec.data.splits.Examples) the rows are read
+    off its CSR offsets: user u's examples are rows example_offsets[u] .. example_offsets[u+1] - 1,
+    so this touches [U + 1] offsets and gathers nothing per example. Plain arrays (already
+    whole) are scanned for the rows where the user changes.
+    """
+    examples = getattr(user, "examples", None)
+    if isinstance(examples, Examples) and all(getattr(c, "examples", None) is examples for c in (history, target)):
+        offsets_U1 = examples.example_offsets
+        has_rows_U = offsets_U1[1:] > offsets_U1[:-1]  # users without examples have none to take
+        return offsets_U1[1:][has_rows_U].astype(np.int64) - 1
+    user = np.asarray(user)
+    return np.flatnonzero(np.r_[user[1:] != user[:-1], True]) if len(user) else np.zeros(0, dtype=np.int64)
+
+
+def latest_training_prompts(user, history, target) -> Prompts:
+    """Each user's last training example (the examples are grouped by user, prefixes in order):
+    user [N], history [N, S], target [N, M] as arrays, or the columns of an `Examples`
+    (train.user, train.history, train.target), of which only those B rows are gathered."""
+    last = _last_rows(user, history, target)
     return Prompts(user[last], history[last], target[last])
 
 

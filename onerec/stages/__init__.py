@@ -81,7 +81,9 @@ class Stage:
     inputs: Callable[[RootConfig], list[Input]] = lambda cfg: []
     # The file whose presence means the stage finished (stages write atomically).
     done_marker: Optional[str] = None
-    # Trains or samples on every rank of a launcher (torchrun / deepspeed / srun).
+    # Runs on every rank of a launcher (torchrun / deepspeed / srun): pretrain trains data
+    # parallel, tokenize shards the items. launch/pipeline.sh starts these under its launcher;
+    # `onerec pipeline` runs every stage in its one process, where a world of one does it all.
     distributed: bool = False
     # Whether `onerec pipeline` runs it for this config (None: not a pipeline stage).
     in_pipeline: Optional[Callable[[RootConfig], bool]] = None
@@ -132,7 +134,7 @@ STAGES: tuple[Stage, ...] = (
           inputs=lambda cfg: [("data/meta.json", "data")], done_marker="baselines/sasrec/metrics.json",
           in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec, config_sections=("data", "sasrec", "eval", "run.seed")),
     Stage("tokenize", "item embeddings -> semantic IDs + trie in <out>/semantic_ids",
-          inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", in_pipeline=_always,
+          inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", distributed=True, in_pipeline=_always,
           config_sections=("data", "tokenizer", "run.seed")),
     Stage("pretrain", "next-token training of the MoE encoder-decoder -> <out>/pretrain/export",
           inputs=lambda cfg: [("data/meta.json", "data"), ("semantic_ids/semantic_ids.json", "tokenize")],

@@ -1,6 +1,7 @@
 """Session generation and one IPA round on a tiny problem with a planted reward."""
 
 import numpy as np
+import pytest
 import torch
 
 from onerec.align.ipa import Prompts, evaluate_alignment, ipa_round, latest_training_prompts
@@ -57,6 +58,40 @@ def test_latest_training_prompts_take_each_users_last_prefix():
     prompts = latest_training_prompts(user, history, history[:, :1])
     np.testing.assert_array_equal(prompts.user, [0, 1, 2])
     np.testing.assert_array_equal(prompts.history[:, 0], [1, 2, 5])
+
+
+def _old_latest_training_prompts(user, history, target) -> Prompts:
+    """The implementation before it read the CSR offsets (the oracle): scans every example's user."""
+    last = np.flatnonzero(np.r_[user[1:] != user[:-1], True]) if len(user) else np.zeros(0, dtype=np.int64)
+    return Prompts(user[last], history[last], target[last])
+
+
+@pytest.mark.parametrize("split", ["leave_one_out", "time"])
+def test_latest_training_prompts_of_a_split_read_only_each_users_last_row(split, monkeypatch):
+    from onerec.config import DataConfig
+    from onerec.data.splits import Examples, UserSequences, make_splits
+
+    g = np.random.default_rng(3)
+    lengths = g.integers(0, 12, size=40)  # empty, short (no training example) and longer users
+    lengths[-1] = 0  # a trailing user without examples
+    user_index = np.repeat(np.arange(40), lengths)
+    orders = np.sort(g.integers(0, 10_000, size=len(user_index)))  # global time, increasing per user
+    seqs = UserSequences.from_sorted(user_index, g.integers(0, 30, size=len(user_index)), orders, num_users=40)
+    cfg = DataConfig(split=split, max_history=5, session_len=3, valid_fraction=0.2, test_fraction=0.2)
+    train = make_splits(seqs, cfg)["train"]
+    expected = _old_latest_training_prompts(train.user, train.history, train.target)
+    gathered = []
+    column = Examples.column
+    monkeypatch.setattr(Examples, "column", lambda self, name, rows: gathered.append(len(rows)) or column(self, name, rows))
+    prompts = latest_training_prompts(train.user, train.history, train.target)
+    assert len(prompts) == len(expected) > 0
+    for got, want in ((prompts.user, expected.user), (prompts.history, expected.history), (prompts.target, expected.target)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert len(train) > 2 * len(prompts) and max(gathered) == len(prompts)  # one row per user, never all rows
+    empty = Examples(train.offsets, train.items, np.zeros(40, dtype=np.int64), 1, np.zeros(40, dtype=np.int64), 5, 3)
+    none = latest_training_prompts(empty.user, empty.history, empty.target)
+    assert len(none) == 0 and none.history.shape == (0, 5) and none.target.shape == (0, 3)
 
 
 def test_one_ipa_round_raises_the_reward_of_generations():

@@ -129,3 +129,20 @@ def test_dedup_in_popularity_order_follows_the_training_counts(tmp_path):
 def test_unknown_dedup_order_is_a_config_error():
     with pytest.raises(ConfigError, match="dedup_order"):
         load_config(None, ["tokenizer.dedup_order=random"])
+
+
+@pytest.mark.parametrize("num_items, world, batch_size, expected", [
+    (48, 2, 5, [0, 25, 48]),  # whole batches of 5: 10 batches, 5 per rank
+    (48, 2, 256, [0, 24, 48]),  # fewer batches than ranks: an even split of the items
+    (1000, 3, 100, [0, 300, 600, 1000]),
+    (7, 7, 1, list(range(8))),
+])
+def test_sharded_ranks_hold_contiguous_item_slices_in_whole_embedding_batches(num_items, world, batch_size, expected):
+    from onerec.stages.tokenize import item_bounds
+
+    bounds = item_bounds(num_items, world, batch_size)
+    assert bounds == expected
+    sizes = np.diff(bounds)
+    assert (sizes > 0).all()
+    if num_items >= world * batch_size:  # every slice but the last starts a new batch
+        assert all(b % batch_size == 0 for b in bounds[:-1])
