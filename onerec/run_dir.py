@@ -59,8 +59,9 @@ def check_out_dir(out_dir: str, data_root: str = "") -> Path:
             f"run.out_dir={out_dir} is the current working directory: give the run a directory of its own "
             "(e.g. run.out_dir=runs/my-run), so its outputs never mix with other files"
         )
-    if data_root:
-        raw = Path(data_root).expanduser().resolve()
+    local_root = data_root.removeprefix("file://")
+    if local_root and "://" not in local_root:  # a remote data.root (s3://...) cannot be under a local run directory
+        raw = Path(local_root).expanduser().resolve()
         if _is_within(raw, root):
             raise ConfigError(
                 f"run.out_dir={out_dir} contains data.root={data_root}: stage outputs could replace the raw data; "

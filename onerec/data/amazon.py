@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from onerec.data.errors import BadRows, DataError
 from onerec.data.readers import open_text, read_text, require_file, split_lines
 from onerec.data.schema import RawItems, RawLog
@@ -45,8 +43,7 @@ def load_amazon2014(root: Path, bad: BadRows) -> RawLog:
             items.append(item)
             order.append(position)
             lines.append(number)
-    log = RawLog(users, items, np.asarray(order, dtype=np.int64), file=seq_path.name,
-                 lines=np.asarray(lines, dtype=np.int64), has_time=False)
+    log = RawLog.from_lists(users, items, order, file=seq_path.name, lines=lines, has_time=False)
     items_path = root / "items.jsonl"
     if items_path.is_file():
         require_file(items_path, "items")
@@ -152,8 +149,7 @@ def load_amazon2018(root: Path, bad: BadRows) -> RawLog:
             items.append(str(item))
             order.append(position)
             entries.append(entry)
-    log = RawLog(users, items, np.asarray(order, dtype=np.int64), file=inter_path.name,
-                 lines=np.asarray(entries, dtype=np.int64), has_time=False)
+    log = RawLog.from_lists(users, items, order, file=inter_path.name, lines=entries, has_time=False)
     item_path = _single(root, "*.item.json")
     table = _read_json(item_path)
     if not isinstance(table, dict):

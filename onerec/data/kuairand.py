@@ -139,13 +139,14 @@ def load_kuairand(root: Path, bad: BadRows) -> RawLog:
             feedback[s].append(columns[s].astype(np.float32))
     feedback_arrays = {s: np.concatenate(v) for s, v in feedback.items()}
     feedback_arrays["logged"] = np.concatenate(logged)
-    return RawLog(
+    return RawLog.from_lists(
         users,
         items,
-        np.asarray(order, dtype=np.int64),
+        order,
         feedback_arrays,
         file="val.parquet+test.parquet",
-        lines=np.asarray(lines, dtype=np.int64),
+        lines=lines,
+        noun="row",
         has_time=True,
         item_table=load_item_table(root, bad),
         sequence_column="is_click",

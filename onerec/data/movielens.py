@@ -47,9 +47,8 @@ def _interactions(path: Path, rows, columns: tuple[int, int, int, int], bad: Bad
         first_of_kind.setdefault(timestamp[1], number)
         lines.append(number)
     check_one_time_kind(first_of_kind, path.name, "timestamp")
-    return RawLog(
-        users, items, np.asarray(times, dtype=np.int64), {"rating": np.asarray(ratings, dtype=np.float32)},
-        file=path.name, lines=np.asarray(lines, dtype=np.int64), has_time=True,
+    return RawLog.from_lists(
+        users, items, times, {"rating": np.asarray(ratings, dtype=np.float32)}, file=path.name, lines=lines, has_time=True,
     )
 
 

@@ -13,6 +13,8 @@ that onerec wrote (onerec.run_dir.replace_directory).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
-from onerec.data.build import Tables
+from onerec.data.build import SortedInteractions, Tables
 from onerec.data.splits import UserSequences
 from onerec.run_dir import replace_directory
 
@@ -45,16 +48,40 @@ def write_prepared(tables: Tables, target: Path) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for name in TABLES:
+        for name in ("items", "users"):
             # lists and 2-D arrays (item feature vectors) go in as one list per row
             table = {k: list(v) if isinstance(v, list) or getattr(v, "ndim", 1) > 1 else v
                      for k, v in getattr(tables, name).items()}
             datasets.Dataset.from_dict(table).save_to_disk(str(tmp / name))
+        _write_interactions(tables.interactions, tmp / "interactions")
         (tmp / META_FILE).write_text(json.dumps(tables.meta, indent=2) + "\n")
         replace_directory(tmp, target, OUTPUT_KIND, META_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_interactions(interactions: SortedInteractions, target: Path) -> None:
+    """The interactions table as a dataset folder, written a slice at a time, so the table is
+    never built whole: the layout Dataset.save_to_disk writes (one Arrow stream file, and
+    state.json naming it beside dataset_info.json), made from an empty dataset of the same
+    schema, whose schema (with the features in its metadata) the stream file takes."""
+    batches = (pa.RecordBatch.from_pydict(columns) for columns in interactions.batches())
+    first = next(batches)
+    empty = datasets.Dataset(pa.Table.from_batches([first.slice(0, 0)]))
+    empty.save_to_disk(str(target))
+    schema = empty.data.schema
+    data_file = target / "data-00000-of-00001.arrow"
+    hasher = hashlib.sha256()
+    with pa.ipc.new_stream(str(data_file), schema) as writer:
+        for batch in itertools.chain([first], batches):
+            writer.write_batch(batch.cast(schema))
+            hasher.update(batch.column(0).buffers()[1])
+    state_path = target / "state.json"
+    state = json.loads(state_path.read_text())
+    state["_data_files"] = [{"filename": data_file.name}]
+    state["_fingerprint"] = hasher.hexdigest()[:16]  # names the dataset's caches: distinct per content
+    state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def load_prepared(data_dir: Path) -> PreparedData:

@@ -43,23 +43,28 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _decoding_error(path: Path, encoding: str) -> DataError:
+def decoding_error(name: str, open_binary, encoding: str) -> DataError:
     """Where the first undecodable byte is: the decoder's own message has only a position in
-    its internal buffer. Runs only after a decode failed, one line at a time in binary."""
+    its internal buffer. Runs only after a decode failed, one line at a time in binary
+    (`open_binary()` opens the file's bytes again)."""
     offset = 0
-    with open(path, "rb") as handle:
+    with open_binary() as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 raw.decode(encoding)
             except UnicodeDecodeError as err:
                 byte = raw[err.start : err.start + 1].hex()
                 return DataError(
-                    path.name, number, "*",
+                    name, number, "*",
                     f"not valid {encoding.upper()} at byte offset {offset + err.start} (byte 0x{byte}, column "
                     f"{len(raw[: err.start].decode(encoding, 'replace')) + 1}); save the file as UTF-8",
                 )
             offset += len(raw)
-    return DataError(path.name, "", "*", f"not valid {encoding.upper()}; save the file as UTF-8")
+    return DataError(name, "", "*", f"not valid {encoding.upper()}; save the file as UTF-8")
+
+
+def _decoding_error(path: Path, encoding: str) -> DataError:
+    return decoding_error(path.name, lambda: open(path, "rb"), encoding)
 
 
 @contextmanager

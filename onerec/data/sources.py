@@ -22,6 +22,8 @@ from onerec.data.schema import RawLog
 
 
 def load_raw(cfg: DataConfig, bad: BadRows) -> RawLog:
+    if cfg.format in ("csv", "parquet"):
+        return load_generic(cfg, bad)  # data.root may be empty, a folder or a URL: see files.py
     if cfg.format == "movielens" and not cfg.root:
         root = fetch_movielens(Path(cfg.cache_dir))
     elif not cfg.root:
@@ -36,6 +38,4 @@ def load_raw(cfg: DataConfig, bad: BadRows) -> RawLog:
         return load_amazon2014(root, bad)
     if cfg.format == "amazon2018":
         return load_amazon2018(root, bad)
-    if cfg.format == "kuairand":
-        return load_kuairand(root, bad)
-    return load_generic(root, cfg, bad)
+    return load_kuairand(root, bad)
