@@ -1,5 +1,9 @@
-"""The one place that imports DeepSpeed: process-group set-up, the training engine, and
-the expert-parallel groups and engine wiring that expert_parallel.py builds on.
+"""DeepSpeed's side of training: process-group set-up, the training engine, and the engine
+wiring of expert parallelism (its process groups are in groups.py; device choice in
+onerec/device.py). Modules that import DeepSpeed do so inside functions, so importing
+onerec never loads it.
+
+    groups.py  <-  expert_parallel.py  <-  deepspeed.py      (no import goes back up)
 
 Every stage trains through a DeepSpeed engine, one process or many, CPU (gloo) or GPU
 (nccl). Mixed precision is torch autocast around the forward pass with fp32 master
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,58 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from onerec.config import TrainConfig
-from onerec.errors import ConfigError, ResourceError
+from onerec.device import resolve_device
+from onerec.distributed.expert_parallel import expert_parallel_grad_clipper, has_expert_parallel_params, is_expert_param, moe_layers
+from onerec.distributed.groups import DistInfo, group_name
 
 log = logging.getLogger("onerec.distributed")
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(requested: str, setting: str = "run.device") -> torch.device:
-    """The device for `requested` ("auto" | "cpu" | "cuda"): auto is this process's GPU
-    (LOCAL_RANK) when CUDA is usable, else the CPU.
-
-    Every stage calls this (directly or through init_distributed) before any work, so a GPU
-    that is asked for and missing is a ResourceError at once, naming `setting` (the config key
-    or CLI option the value came from) and why CUDA is not usable.
-    """
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if requested not in ("auto", "cuda"):
-        raise ConfigError(f"{setting}={requested!r}: expected auto, cpu or cuda")
-    if not torch.cuda.is_available():
-        raise ResourceError(
-            f"{setting}=cuda but CUDA cannot be used here: {_why_no_cuda()}; "
-            f"use {setting}=auto (the GPU when there is one) or {setting}=cpu"
-        )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ResourceError(
-            f"this process is LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: start at "
-            f"most {count} process(es) per node (e.g. torchrun --nproc-per-node={count}) or check CUDA_VISIBLE_DEVICES"
-        )
-    return torch.device("cuda", local_rank)
-
-
-def _why_no_cuda() -> str:
-    """The likeliest reason torch.cuda.is_available() is False, for the message."""
-    if torch.version.cuda is None:
-        return f"this torch build ({torch.__version__}) has no CUDA support (a CPU-only wheel)"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    return "no GPU (or no working NVIDIA driver) was found"
 
 
 def init_distributed(requested_device: str = "auto") -> DistInfo:
@@ -144,7 +100,6 @@ def build_engine(
     """
     import deepspeed
 
-    from onerec.distributed.expert_parallel import expert_parallel_grad_clipper, has_expert_parallel_params
 
     expert_parallel = has_expert_parallel_params(model)
     engine_module = model
@@ -162,33 +117,7 @@ def build_engine(
     return engine
 
 
-# ----------------------------------------------------------------------------- expert parallelism
-def group_name(ep_size: int) -> str:
-    """DeepSpeed's name for the expert-parallel / expert-data-parallel groups of size ep."""
-    return f"ep_size_{ep_size}"
-
-
-def create_expert_parallel_groups(ep_size: int):
-    """DeepSpeed's expert-parallel and expert-data-parallel groups for `ep_size`; (this rank's
-    expert-parallel group, its rank in it). Idempotent: existing groups of that name are reused.
-
-    Consecutive ranks form an expert-parallel group ([0, 1], [2, 3] for ep=2 on 4 ranks), the
-    ranks at the same position of every group an expert-data-parallel group ([0, 2], [1, 3]).
-    """
-    from deepspeed.utils import groups
-
-    groups._create_expert_and_data_parallel(ep_size)
-    name = group_name(ep_size)
-    return groups._get_expert_parallel_group(name), groups._get_expert_parallel_rank(name)
-
-
-def expert_parallel_group(name: str):
-    """The expert-parallel process group of this rank for a group name like 'ep_size_2'."""
-    from deepspeed.utils import groups
-
-    return groups._get_expert_parallel_group(name)
-
-
+# ----------------------------------------------------------------------------- expert parallelism (groups.py)
 def split_moe_param_groups(optimizer: torch.optim.Optimizer, scheduler=None) -> None:
     """Split the optimizer's groups into dense and expert groups, in place, as DeepSpeed needs.
 
@@ -233,7 +162,6 @@ def expert_parallel_engine_module(model: nn.Module) -> nn.Module:
     """
     from deepspeed.moe.layer import MoE
 
-    from onerec.distributed.expert_parallel import is_expert_param, moe_layers
 
     class ExpertParallelModel(MoE):
         def __init__(self, inner: nn.Module, num_experts: int, ep_size: int) -> None:
@@ -255,10 +183,3 @@ def expert_parallel_engine_module(model: nn.Module) -> nn.Module:
     num_experts = layers[0].router.num_experts
     ep_size = int(experts[0].group_name.rsplit("_", 1)[1])
     return ExpertParallelModel(model, num_experts, ep_size)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU by default; fp32 (no autocast) on CPU unless asked for."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None

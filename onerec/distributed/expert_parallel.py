@@ -17,7 +17,7 @@ sorting copies by global expert also sorts them by destination rank:
         | e0: from 0, from 1 | e1: from 0, from 1 |
 
 combine() runs the same steps backwards. The process groups are DeepSpeed's
-(deepspeed.utils.groups, named f"ep_size_{ep}", reached through onerec.distributed.deepspeed,
+(deepspeed.utils.groups, named f"ep_size_{ep}", reached through onerec.distributed.groups,
 the one module that imports DeepSpeed): expert parameters carry
 `allreduce = False` and `group_name`, as deepspeed.moe marks its own, so the DeepSpeed
 engine (ZeRO 0, 1 and 2) reduces their gradients over the expert-data-parallel group
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from onerec.config import ConfigError
-from onerec.distributed.deepspeed import create_expert_parallel_groups, expert_parallel_group, group_name
+from onerec.distributed.groups import create_expert_parallel_groups, expert_parallel_group, group_name
 from onerec.kernels.moe_routing import permute, unpermute
 from onerec.model.moe import MoEFeedForward
 

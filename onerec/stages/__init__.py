@@ -239,7 +239,7 @@ def run_stage(stage: Stage, cfg: RootConfig, **kwargs) -> object:
     stage.check_inputs(cfg)
     check_fresh_inputs(stage, cfg)
     if cfg.run.device == "cuda" and stage.records_provenance:  # a missing GPU stops the first stage
-        from onerec.distributed.deepspeed import resolve_device  # torch loads only in this case
+        from onerec.device import resolve_device  # torch loads only in this case
 
         resolve_device(cfg.run.device)
     if stage.writes_run_dir:  # only now: a refused command leaves no directory behind

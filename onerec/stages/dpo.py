@@ -27,7 +27,7 @@ from onerec.checkpoint import save_weights
 from onerec.config import RootConfig, to_dict
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits
-from onerec.distributed.deepspeed import resolve_device
+from onerec.device import resolve_device
 from onerec.export import export_model, load_export
 from onerec.logging import RunLogger, write_json_atomic
 from onerec.paths import RunPaths

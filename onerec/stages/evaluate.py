@@ -19,7 +19,7 @@ import torch
 from onerec.config import RootConfig
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits, training_item_counts
-from onerec.distributed.deepspeed import resolve_device
+from onerec.device import resolve_device
 from onerec.export import load_export
 from onerec.inference.evaluate import evaluate_examples, evaluate_popularity
 from onerec.logging import write_json_atomic

@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> list:
 
     import torch
 
-    from onerec.distributed.deepspeed import resolve_device
+    from onerec.device import resolve_device
     from onerec.export import load_export
     from onerec.inference.recommend import recommend
 

@@ -36,7 +36,7 @@ from onerec.checkpoint import save_weights
 from onerec.config import RootConfig, to_dict
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import in_training_period, training_item_counts
-from onerec.distributed.deepspeed import resolve_device
+from onerec.device import resolve_device
 from onerec.logging import RunLogger, write_json_atomic
 from onerec.paths import RunPaths
 from onerec.tokenizer.semantic_ids import SemanticIds

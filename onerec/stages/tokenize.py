@@ -53,7 +53,8 @@ from onerec.baselines.sasrec import WEIGHTS_FILE, load_item_vectors
 from onerec.config import RootConfig, TokenizerConfig, to_dict
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import training_item_counts
-from onerec.distributed.deepspeed import init_distributed, resolve_device
+from onerec.device import resolve_device
+from onerec.distributed.deepspeed import init_distributed
 from onerec.logging import RunLogger, codebook_scalars
 from onerec.paths import RunPaths
 from onerec.tokenizer import rq_kmeans

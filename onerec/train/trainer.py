@@ -67,7 +67,9 @@ from onerec.checkpoint import (
 )
 from onerec.config import TrainConfig
 from onerec.data.sampler import DistributedBatchSampler
-from onerec.distributed.deepspeed import DistInfo, autocast_dtype, build_engine
+from onerec.device import autocast_dtype
+from onerec.distributed.deepspeed import build_engine
+from onerec.distributed.groups import DistInfo
 from onerec.distributed.expert_parallel import (
     expert_parallel_state_dict,
     has_expert_parallel_params,

@@ -154,7 +154,8 @@ def no_cuda(monkeypatch):
 
 
 def test_cuda_without_a_gpu_is_a_resource_error(no_cuda):
-    from onerec.distributed.deepspeed import init_distributed, resolve_device
+    from onerec.device import resolve_device
+    from onerec.distributed.deepspeed import init_distributed
 
     with pytest.raises(ResourceError, match=r"run\.device=cuda but CUDA cannot be used here: .*run\.device=cpu"):
         resolve_device("cuda")  # was a RuntimeError (traceback)
@@ -175,7 +176,7 @@ def test_cuda_without_a_gpu_is_a_resource_error(no_cuda):
 
 
 def test_a_local_rank_without_its_gpu_is_a_resource_error(monkeypatch):
-    from onerec.distributed.deepspeed import resolve_device
+    from onerec.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -47,3 +47,38 @@ def test_library_packages_import_only_downward():
 def test_the_walk_sees_real_imports():
     assert "config" in _imported_packages(ONEREC / "data" / "splits.py")
     assert "stages" in _imported_packages(ONEREC / "cli.py")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every onerec module `path` imports, anywhere in the file (function bodies too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onerec."):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("onerec."))
+    return names
+
+
+def test_distributed_modules_import_in_one_direction():
+    """groups <- expert_parallel <- deepspeed: no module of onerec.distributed imports one to
+    its left, even inside a function (an import cycle hides there)."""
+    order = ["groups", "expert_parallel", "deepspeed"]
+    problems = []
+    for position, name in enumerate(order):
+        imported = _imported_modules(ONEREC / "distributed" / f"{name}.py")
+        for later in order[position + 1 :]:
+            if f"onerec.distributed.{later}" in imported:
+                problems.append(f"onerec.distributed.{name} imports onerec.distributed.{later}")
+    assert not problems, "\n".join(problems)
+
+
+def test_only_distributed_code_imports_onerec_distributed():
+    """Device choice lives in onerec/device.py: a stage that runs on one process needs no
+    process-group module. The modules that do import onerec.distributed are the ones that
+    join or use process groups."""
+    users = sorted(
+        str(path.relative_to(ONEREC.parent)) for path in ONEREC.rglob("*.py")
+        if "distributed" in _imported_packages(path) and path.parent.name != "distributed"
+    )
+    assert users == ["onerec/stages/pretrain.py", "onerec/stages/tokenize.py", "onerec/train/trainer.py"], users
