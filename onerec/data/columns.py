@@ -51,9 +51,12 @@ def blank(column: pa.Array) -> np.ndarray:
 
 
 def normalised_ids(dictionary: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """The distinct values of an id column as the strings the per-row readers make of them
-    (text stripped; numbers as str() writes them), and which of them are empty."""
+    """The distinct values of an id column as the per-row readers read them (text stripped;
+    other values as str() writes them), and which of them are empty. Integers stay int64:
+    IdDictionary keeps integer ids as numbers (str(int) is the id they stand for)."""
     kind = dictionary.type
+    if pa.types.is_integer(kind) and not pa.types.is_uint64(kind):
+        return dictionary.cast(pa.int64()), np.zeros(len(dictionary), dtype=bool)
     if is_text(kind):
         text = dictionary.cast(pa.string())
         edges = np.flatnonzero(_mask(pc.match_substring_regex(text, _EDGE_WHITESPACE)))
@@ -131,27 +134,69 @@ def numbers(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return np.where(fits, values, 0.0).astype(np.float32), ~fits
 
 
+_CANONICAL_INTEGER = r"^(0|-?[1-9][0-9]{0,17})$"  # exactly what str(int) writes, within int64
+
+
+def _canonical_integers(values: pa.Array) -> np.ndarray | None:
+    """`values` (int64, or strings) as int64 when every one is an integer written as str(int)
+    writes it ("7", not "07" or "+7", which are other ids), else None."""
+    if pa.types.is_int64(values.type):
+        return values.to_numpy(zero_copy_only=False)
+    if is_text(values.type) and pc.all(pc.match_substring_regex(values, _CANONICAL_INTEGER)).as_py() is not False:
+        return values.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return None
+
+
 class IdDictionary:
-    """Raw id strings -> int32 codes, shared by every batch and file of one column. Codes are
-    given in order of first appearance; each distinct id is stored once, as Arrow text."""
+    """Raw ids -> int32 codes, shared by every batch and file of one column; each distinct id
+    is stored once. While every id is an integer (the usual case in big logs) they are kept
+    as a sorted int64 array and looked up with a binary search: a batch costs O(batch log
+    ids), not a hash of every id seen so far. The first id that is not an integer turns the
+    dictionary into Arrow text (ints as str() writes them), looked up by hash."""
 
     def __init__(self) -> None:
-        self._values = pa.array([], type=pa.string())
+        self._ints: np.ndarray | None = np.zeros(0, dtype=np.int64)  # [ids] by code, while all are integers
+        self._sorted = np.zeros(0, dtype=np.int64)  # the same, sorted
+        self._sorted_codes = np.zeros(0, dtype=np.int32)  # the code of each sorted value
+        self._text = pa.array([], type=pa.string())  # [ids] by code, once one is not an integer
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._ints) if self._ints is not None else len(self._text)
 
     def codes(self, values: pa.Array) -> np.ndarray:
-        """[len(values)] int32 code of each value (strings, repeats allowed), adding new ones."""
+        """[len(values)] int32 code of each value (int64 or strings, repeats allowed), adding new ones."""
         if not len(values):
             return np.zeros(0, dtype=np.int32)
-        found = pc.index_in(values, value_set=self._values)
+        if self._ints is not None:
+            integers = _canonical_integers(values)
+            if integers is not None:
+                return self._integer_codes(integers)
+            self._text, self._ints = pa.array(self._ints).cast(pa.string()), None
+        return self._text_codes(values.cast(pa.string()))
+
+    def _integer_codes(self, values: np.ndarray) -> np.ndarray:
+        at = np.minimum(np.searchsorted(self._sorted, values), max(len(self._sorted) - 1, 0))
+        known = (self._sorted[at] == values) if len(self._sorted) else np.zeros(len(values), dtype=bool)
+        if not known.all():
+            new = np.unique(values[~known])
+            codes = np.arange(len(self._ints), len(self._ints) + len(new), dtype=np.int32)
+            self._ints = np.concatenate([self._ints, new])
+            slots = np.searchsorted(self._sorted, new)
+            self._sorted = np.insert(self._sorted, slots, new)
+            self._sorted_codes = np.insert(self._sorted_codes, slots, codes)
+            at = np.searchsorted(self._sorted, values)
+        return self._sorted_codes[at]
+
+    def _text_codes(self, values: pa.Array) -> np.ndarray:
+        found = pc.index_in(values, value_set=self._text)
         missing = found.is_null()
         if pc.any(missing).as_py():
             new = pc.unique(values.filter(missing))
-            self._values = pa.concat_arrays([self._values, new])
-            found = pc.index_in(values, value_set=self._values)
+            self._text = pa.concat_arrays([self._text, new])
+            found = pc.index_in(values, value_set=self._text)
         return found.to_numpy(zero_copy_only=False).astype(np.int32)
 
     def tolist(self) -> list[str]:
-        return self._values.to_pylist()
+        if self._ints is not None:
+            return pa.array(self._ints).cast(pa.string()).to_pylist()
+        return self._text.to_pylist()

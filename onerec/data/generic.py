@@ -158,6 +158,17 @@ def _row_texts(batch: pa.RecordBatch, rows: np.ndarray, names: list[str]) -> lis
     return [{name: texts[name][i] for name in names} for i in range(len(rows))]
 
 
+def _global_codes(dictionary: columns.IdDictionary, local_values: pa.Array, local_codes: np.ndarray) -> np.ndarray:
+    """Rows' codes in `dictionary`, from their codes into a batch's own dictionary. Only the
+    entries some row uses are looked up (not a flagged row's empty id, say)."""
+    used = np.zeros(len(local_values), dtype=bool)
+    used[local_codes] = True
+    entries = np.flatnonzero(used)
+    lookup = np.zeros(len(local_values), dtype=np.int32)
+    lookup[entries] = dictionary.codes(local_values.take(pa.array(entries)))
+    return lookup[local_codes]
+
+
 # --------------------------------------------------------------------------- the log reader
 class _Column:
     """A growing column: preallocated when the row count is known (Parquet footers say it),
@@ -282,8 +293,8 @@ class _LogReader:
 
         fast = present & ~flag
         fast_rows = np.flatnonzero(fast)
-        user = self.users.codes(user_text)[user_local[fast_rows]] if len(fast_rows) else np.zeros(0, np.int32)
-        item = self.items.codes(item_text)[item_local[fast_rows]] if len(fast_rows) else np.zeros(0, np.int32)
+        user = _global_codes(self.users, user_text, user_local[fast_rows])
+        item = _global_codes(self.items, item_text, item_local[fast_rows])
         if len(fast_rows):
             row = int(fast_rows[0])
             self._note_kind(is_date, first_record + row, span.source.name, where_of(row, first_record))

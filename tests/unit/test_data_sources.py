@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from onerec.config import DataConfig
-from onerec.data import generic
+from onerec.data import columns, generic
 from onerec.data.build import build_tables
 from onerec.data.errors import BadRows, DataError
 from onerec.data.fetch import fetch_movielens
@@ -279,3 +279,16 @@ def test_prepared_data_is_bit_for_bit_what_the_row_by_row_reader_made(name, synt
         pytest.skip("the synthetic log is not the one the fingerprint was made from (this C library rounds exp/log otherwise)")
     data_dir = run_data(sets[name], tmp_path / "run")
     assert fingerprint(data_dir, max_history=20, session_len=3 if name == "kuairand" else 1) == expected
+
+
+def test_id_dictionary_keeps_integers_as_numbers_until_an_id_is_not_one():
+    ids = columns.IdDictionary()
+    first = ids.codes(pa.array([30, 7, 30, -2], type=pa.int64()))
+    assert first[0] == first[2] and len(set(first.tolist())) == 3
+    # the same ids written as text are the same ids; "07" and "+7" are others (str(7) is "7")
+    again = ids.codes(pa.array(["7", "30", "-2"]))
+    assert again.tolist() == [first[1], first[0], first[3]]
+    other = ids.codes(pa.array(["07", "+7", "7"]))
+    assert other[2] == first[1] and len({*first.tolist(), *other.tolist()}) == 5
+    assert sorted(ids.tolist()) == sorted(["30", "7", "-2", "07", "+7"])
+    assert ids.codes(pa.array([30], type=pa.int64())).tolist() == [first[0]]  # after the switch to text
