@@ -470,13 +470,16 @@ class AlignConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "disabled"  # online | offline | disabled
-    project: str = "onerec"
-    entity: str = ""
-    run_name: str = ""
+    """W&B settings. An empty value means "not set here": the WANDB_MODE / WANDB_PROJECT /
+    WANDB_ENTITY environment variable then applies, else the default (onerec/logging.py)."""
+
+    wandb: str = ""  # online | offline | disabled; "" = $WANDB_MODE, else disabled
+    project: str = ""  # "" = $WANDB_PROJECT, else "onerec"
+    entity: str = ""  # "" = $WANDB_ENTITY, else your W&B default entity
+    run_name: str = ""  # W&B runs are named <run_name>/<stage>; "" = the run directory's name
 
     def __post_init__(self) -> None:
-        _check_choice("logging", "wandb", self.wandb, ("online", "offline", "disabled"))
+        _check_choice("logging", "wandb", self.wandb, ("", "online", "offline", "disabled"))
 
 
 @dataclass

@@ -6,6 +6,10 @@ model's numbers are kept under "pretrain_model" and the alignment report under "
 
 Full-catalogue ranking: the model's top-K comes from trie-constrained beam search over
 every item; the popularity baseline ranks every item by its training count.
+
+With W&B on, the stage's W&B run (job type "evaluate") gets metrics.json as its summary (flat
+keys: test/recall@10, baselines/popularity/test/ndcg@10, ...) and as the table
+`evaluate/metrics` (one row per split and model, the report's table).
 """
 
 from __future__ import annotations
@@ -16,19 +20,37 @@ import time
 
 import torch
 
-from onerec.config import RootConfig
+from onerec.config import RootConfig, to_dict
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits, training_item_counts
 from onerec.device import resolve_device
 from onerec.export import load_export
 from onerec.inference.evaluate import evaluate_examples, evaluate_popularity
-from onerec.logging import write_json_atomic
+from onerec.logging import RunLogger, flat_scalars, write_json_atomic
 from onerec.paths import RunPaths
+from onerec.report.tables import metrics_table
 
 log = logging.getLogger("onerec.evaluate")
 
 
 def main(cfg: RootConfig) -> dict:
+    run_logger = RunLogger(cfg.logging, RunPaths.of(cfg.run.out_dir).root, "evaluate", to_dict(cfg))
+    try:
+        metrics = _evaluate(cfg)
+        log_metrics(run_logger, metrics)
+    finally:
+        run_logger.close()
+    return metrics
+
+
+def log_metrics(run_logger: RunLogger, metrics: dict) -> None:
+    """metrics.json to W&B: every number as the run's summary, and the table of the models
+    beside the baselines (nothing is sent without W&B)."""
+    run_logger.summary(flat_scalars(metrics))
+    run_logger.log_table("metrics", *metrics_table(metrics))
+
+
+def _evaluate(cfg: RootConfig) -> dict:
     started = time.perf_counter()
     paths = RunPaths.of(cfg.run.out_dir)
     device = resolve_device(cfg.run.device)

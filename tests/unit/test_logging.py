@@ -187,8 +187,8 @@ def test_log_figures_and_tables_go_to_wandb_under_the_stage(tmp_path, monkeypatc
     logger.log_figures({"expert_load": figure}, step=7)
     logger.log_figures({"codebook_utilization": figure})
     logger.log_table("metrics", ["split", "recall@10"], [["test", 0.5]])
-    assert run.logged == [
-        ({"pretrain/expert_load": ("image", (50, 100, 3), "uint8")}, 7),  # drawn by Agg as RGB
+    assert run.logged == [  # the step goes in as <stage>/step, W&B's own step is left to W&B
+        ({"pretrain/expert_load": ("image", (50, 100, 3), "uint8"), "pretrain/step": 7}, None),  # drawn by Agg as RGB
         ({"pretrain/codebook_utilization": ("image", (50, 100, 3), "uint8")}, None),
         ({"pretrain/metrics": ("table", ["split", "recall@10"], [["test", 0.5]])}, None),
     ]
@@ -204,3 +204,163 @@ def test_log_figures_and_tables_do_nothing_without_wandb(tmp_path):
     logger.log_figures({"x": object()})  # never drawn: no W&B to send it to
     logger.log_table("metrics", ["a"], [[1]])
     logger.close()
+
+
+# ---------------------------------------------------------------- W&B runs across stages
+
+
+def _offline_env(monkeypatch):
+    # conftest sets WANDB_MODE=disabled: logging.wandb=offline must win over it.
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _finished_records(run_dir, wandb_id):
+    """Every record of the offline runs of `wandb_id` under run_dir/wandb, once each is complete."""
+    dirs = sorted((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}*"))
+    assert dirs, sorted(p.name for p in (run_dir / "wandb").iterdir())
+    records = []
+    for directory in dirs:
+        (event_file,) = directory.glob("run-*.wandb")
+        deadline = time.monotonic() + 60  # wandb-core may still be flushing after finish()
+        while not any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(event_file)):
+            assert time.monotonic() < deadline, f"{event_file} never received its exit record"
+            time.sleep(0.2)
+        records += list(_wandb_records(event_file))
+    return records
+
+
+def test_wandb_settings_explicit_config_then_environment_then_default():
+    from onerec.errors import ConfigError
+    from onerec.logging import resolve_wandb
+
+    env = {"WANDB_MODE": "offline", "WANDB_PROJECT": "from-env", "WANDB_ENTITY": "team"}
+    assert resolve_wandb(LoggingConfig(), {}) == ("disabled", "onerec", None)
+    assert resolve_wandb(LoggingConfig(), env) == ("offline", "from-env", "team")
+    explicit = LoggingConfig(wandb="online", project="mine", entity="me")
+    assert resolve_wandb(explicit, env) == ("online", "mine", "me")
+    assert resolve_wandb(LoggingConfig(wandb="disabled"), env)[0] == "disabled"
+    assert resolve_wandb(LoggingConfig(), {"WANDB_MODE": "dryrun"})[0] == "offline"  # W&B's alias
+    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes'"):
+        resolve_wandb(LoggingConfig(), {"WANDB_MODE": "sometimes"})
+
+
+def test_git_info_is_empty_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    from onerec.logging import code_version, git_info
+
+    assert code_version()["version"]
+    package = tmp_path / "onerec"
+    package.mkdir()
+    assert git_info(package) == {}  # not a git checkout: no commit, no failure
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable at all
+    assert git_info() == {}
+
+
+def test_stages_of_one_run_directory_are_wandb_runs_of_one_group(tmp_path, monkeypatch):
+    from onerec.logging import code_version, read_wandb_state
+    from onerec.run_dir import open_run_dir
+
+    _offline_env(monkeypatch)
+    run_dir = tmp_path / "my-run"
+    run_id = open_run_dir(str(run_dir))
+    cfg = LoggingConfig(wandb="offline", project="onerec-test")
+    opened = {}
+    for stage in ("tokenize", "pretrain"):
+        logger = RunLogger(cfg, run_dir, stage, {"run": {"out_dir": str(run_dir)}}, rank=0)
+        run = logger._wandb_run
+        opened[stage] = run.id
+        assert (run.group, run.job_type, run.name) == (run_id, stage, f"my-run/{stage}")
+        meta = run.config["onerec"]
+        assert meta["run_id"] == run_id and meta["stage"] == stage
+        assert meta.get("git_commit") == code_version().get("git_commit")  # attached when a checkout
+        logger.log({"loss": 1.0}, step=1)
+        logger.close()
+        assert read_wandb_state(run_dir, stage)["wandb_id"] == run.id
+    assert opened["tokenize"] != opened["pretrain"]
+    for stage, wandb_id in opened.items():  # what `wandb sync` would upload says the same
+        (run_record,) = [r.run for r in _finished_records(run_dir, wandb_id) if r.WhichOneof("record_type") == "run"]
+        assert (run_record.run_id, run_record.run_group, run_record.job_type) == (wandb_id, run_id, stage)
+
+
+def test_a_restarted_stage_resumes_its_wandb_run_and_a_fresh_training_run_opens_a_new_one(tmp_path, monkeypatch):
+    from onerec.logging import read_wandb_state
+
+    _offline_env(monkeypatch)
+    cfg = LoggingConfig(wandb="offline", project="onerec-test")
+    first_training, second_training = "a" * 32, "b" * 32
+
+    logger = RunLogger(cfg, tmp_path, "pretrain", {}, rank=0)
+    first = logger.wandb_id
+    logger.set_training_run(first_training)  # a W&B run of no training run yet: adopted, not reopened
+    assert logger.wandb_id == first
+    logger.log({"loss": 2.0}, step=5)
+    logger.close()
+    assert read_wandb_state(tmp_path, "pretrain")["training_run_id"] == first_training
+
+    restarted = RunLogger(cfg, tmp_path, "pretrain", {}, rank=0)  # requeued: same stage again
+    assert restarted.wandb_id == first
+    restarted.set_training_run(first_training)  # the trainer resumed its checkpoint
+    assert restarted.wandb_id == first
+    restarted.set_training_run(second_training)  # no checkpoint: training started from scratch
+    second = restarted.wandb_id
+    assert second not in (None, first)
+    restarted.log({"loss": 1.0}, step=1)
+    restarted.close()
+    state = read_wandb_state(tmp_path, "pretrain")
+    assert (state["wandb_id"], state["training_run_id"]) == (second, second_training)
+
+    # A caller that knows the training run up front opens its W&B run directly.
+    again = RunLogger(cfg, tmp_path, "pretrain", {}, rank=0, training_run_id=second_training)
+    assert again.wandb_id == second
+    again.close()
+    resumed = _finished_records(tmp_path, first)
+    assert [r.run.run_id for r in resumed if r.WhichOneof("record_type") == "run"] == [first, first]
+    steps = [item.value_json for r in resumed if r.WhichOneof("record_type") == "history"
+             for item in r.history.item if (item.key or "/".join(item.nested_key)) == "pretrain/step"]
+    assert steps == ["5"]
+
+
+def test_evaluate_summary_and_table_hold_metrics_json(tmp_path, monkeypatch):
+    from onerec.stages.evaluate import log_metrics
+
+    _offline_env(monkeypatch)
+    metrics = {
+        "model": "pretrain/export",
+        "valid": {"recall@10": 0.25, "ndcg@10": 0.125},
+        "test": {"recall@10": 0.5, "ndcg@10": 0.25},
+        "baselines": {"popularity": {"valid": {"recall@10": 0.0625, "ndcg@10": 0.03125},
+                                     "test": {"recall@10": 0.0625, "ndcg@10": 0.03125}},
+                      "sasrec": {"valid": {"recall@10": 0.2, "ndcg@10": 0.1}, "test": {"recall@10": 0.3, "ndcg@10": 0.15}}},
+        "data": {"users": 10, "items": 20, "interactions": 300},
+        "semantic_ids": {"levels": 3, "codebook_sizes": [8, 8, 2]},
+        "wall_seconds": 1.5,
+    }
+    logger = RunLogger(LoggingConfig(wandb="offline", project="onerec-test"), tmp_path, "evaluate", {}, rank=0)
+    wandb_id = logger.wandb_id
+    log_metrics(logger, metrics)
+    logger.close()
+
+    summary, tables = {}, []
+    for record in _finished_records(tmp_path, wandb_id):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            summary |= {item.key: json.loads(item.value_json) for item in record.summary.update if item.key}
+        elif kind == "history":  # a wandb.Table is a file beside the run, named in the history
+            tables += [json.loads(item.value_json) for item in record.history.item
+                       if list(item.nested_key) == ["evaluate/metrics", "path"]]
+    expected = {
+        "test/recall@10": 0.5, "valid/ndcg@10": 0.125, "baselines/popularity/test/recall@10": 0.0625,
+        "baselines/sasrec/valid/ndcg@10": 0.1, "data/users": 10, "semantic_ids/levels": 3, "model": "pretrain/export",
+    }
+    assert {k: summary.get(k) for k in expected} == expected
+    assert "semantic_ids/codebook_sizes" not in summary  # lists stay in metrics.json
+    (table_path,) = tables
+    (table_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}/files/{table_path}")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["split", "model", "recall@10", "ndcg@10"]
+    assert table["data"] == [  # the report's table: the model beside every baseline, per split
+        ["valid", "OneRec (pretrained)", 0.25, 0.125], ["valid", "popularity baseline", 0.0625, 0.03125],
+        ["valid", "sasrec baseline", 0.2, 0.1], ["test", "OneRec (pretrained)", 0.5, 0.25],
+        ["test", "popularity baseline", 0.0625, 0.03125], ["test", "sasrec baseline", 0.3, 0.15],
+    ]
