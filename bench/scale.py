@@ -606,9 +606,10 @@ def measure_size(rows: int, args: argparse.Namespace, work: Path) -> dict:
     spec = LogSpec(rows=rows, users=users, items=items, zipf_exponent=args.zipf, feedback=args.feedback, seed=args.seed)
     raw, run = work / "raw", work / "run"
     print(f"{rows:,} rows, {users:,} users, {items:,} items: generating ...", flush=True)
-    log = generate_log(raw, spec, formats=(args.input_format,), shards=args.shards)
+    shards = min(args.shards, math.ceil(users / spec.block_users))  # every shard holds at least one block of users
+    log = generate_log(raw, spec, formats=(args.input_format,), shards=shards)
     entry = {
-        "rows": rows, "users": users, "items": items, "source_digest": source_digest(),
+        "rows": rows, "users": users, "items": items, "shards": shards, "source_digest": source_digest(),
         "generator": {"seconds": log.seconds, "bytes_on_disk": log.bytes_on_disk,
                       "expected": log.expected_counts(args.min_user_interactions)},
         "stages": {},
@@ -631,6 +632,8 @@ def measure_size(rows: int, args: argparse.Namespace, work: Path) -> dict:
                                    f"tokenizer.codebook_size={ONEREC_CODEBOOK}",
                                    f"tokenizer.kmeans_iters={args.onerec_kmeans_iters}"]
     for name, command in plan.items():
+        if name not in args.stages:
+            continue
         unfinished = [need for need in STAGE_NEEDS[name] if entry["stages"][need]["status"] != "ok"]
         if unfinished:
             entry["stages"][name] = {"status": "skipped", "command": "onerec " + shlex.join(command),
@@ -681,12 +684,13 @@ def markdown(report: dict) -> str:
         f"{s['rows_per_item']} per item on average (at 1e8 rows: {1e8 / s['rows_per_user']:,.0f} users and "
         f"{1e8 / s['rows_per_item']:,.0f} items), Zipf item popularity "
         f"s = {s['zipf']}, lognormal history lengths, geometric sessions, int64 timestamps, one "
-        f"{s['input_format']} file{' in ' + str(s['shards']) + ' shards' if s['shards'] > 1 else ''} plus an items "
+        f"{s['input_format']} file{' in up to ' + str(s['shards']) + ' shards' if s['shards'] > 1 else ''} plus an items "
         f"file (title, category). `onerec data` drops users with fewer than {s['min_user_interactions']} "
         f"interactions (on_bad_rows=skip); every stage: {DATA_MAX_HISTORY}. tokenize: hashing encoder "
         "(256-dim), 3 levels, K = the power of two "
         f"nearest sqrt(items), kmeans_iters={s['kmeans_iters']}; with items >= {ONEREC_MIN_ITEMS:,} also K = 8192 "
-        f"(OneRec) with kmeans_iters={s['onerec_kmeans_iters']}. pretrain: {' '.join(s['pretrain_overrides'])}.",
+        f"(OneRec) with kmeans_iters={s['onerec_kmeans_iters']}. pretrain: {' '.join(s['pretrain_overrides'])}."
+        + (f" Stages measured: {', '.join(s['stages'])}." if s.get("stages", list(STAGE_NEEDS)) != list(STAGE_NEEDS) else ""),
         "",
         "Each stage is its own process. wall: the whole process (start-up and imports included); in-stage: the "
         "time inside `onerec.cli.main`; peak RSS: the process's ru_maxrss (wait4, as `/usr/bin/time -v`); "
@@ -836,7 +840,14 @@ def bench_main(argv: list[str] | None) -> dict:
     parser.add_argument("--work-dir", type=Path, help="where the logs and runs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep each size's log and run folder")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--stages", default=",".join(STAGE_NEEDS),
+                        help=f"which stages to measure, comma-separated (default: all of {','.join(STAGE_NEEDS)})")
+    parser.add_argument("--tag", default="", help="results go to scale_<device>_<tag>.{json,md} (default: no tag)")
     args = parser.parse_args(argv)
+    args.stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+    unknown = [name for name in args.stages if name not in STAGE_NEEDS]
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; expected some of {list(STAGE_NEEDS)}")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
 
     import torch
@@ -862,11 +873,11 @@ def bench_main(argv: list[str] | None) -> dict:
             "feedback": args.feedback, "input_format": args.input_format, "shards": args.shards,
             "min_user_interactions": args.min_user_interactions, "kmeans_iters": args.kmeans_iters,
             "onerec_kmeans_iters": args.onerec_kmeans_iters, "stage_timeout_s": args.stage_timeout,
-            "pretrain_overrides": PRETRAIN_OVERRIDES, "seed": args.seed,
+            "pretrain_overrides": PRETRAIN_OVERRIDES, "seed": args.seed, "stages": args.stages,
         },
         "sizes": [],
     }
-    stem = args.results_dir / f"scale_{slug}"
+    stem = args.results_dir / (f"scale_{slug}_{args.tag}" if args.tag else f"scale_{slug}")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     base = args.work_dir or Path(tempfile.mkdtemp(prefix="onerec-scale-"))
     for rows in sizes:
