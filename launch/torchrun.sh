@@ -13,6 +13,12 @@
 # Everything after the script name goes to `onerec $STAGE` unchanged: --config FILE and
 # key=value config overrides (see `onerec pretrain --help`).
 #
+# SIGUSR1 or SIGTERM to this script stops training at the end of the current step with a
+# checkpoint: it is passed on to torchrun as SIGTERM (which torchrun passes on to its workers),
+# and the script exits with 75 once they stopped; running the same command again continues
+# (docs/distributed.md#preemption-and-time-limits). Each worker's output lines start with its
+# rank, e.g. "[rank1]: ...".
+#
 # Env knobs:
 #   STAGE           onerec command to run (default pretrain; tokenize shards the items over
 #                   the workers; the stage table's `distributed` stages, see `onerec plan`)
@@ -29,7 +35,12 @@
 #                   train.resume=auto (the default, see RESUME) they continue from the
 #                   newest valid checkpoint
 #   RESUME          auto (default) | none | a checkpoint directory: becomes train.resume
-#   ONEREC_ROOT, ONEREC_VENV, TORCHRUN   see launch/common.sh
+#   TEE, REDIRECTS, LOG_DIR, LOCAL_RANKS_FILTER, LOG_PREFIX   torchrun's console and per-rank
+#                   log files (default: every rank on the console with a "[rank<r>]: " prefix,
+#                   and in files under a new /tmp/torchelastic_* directory), see launch/common.sh
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT   seconds the workers get to checkpoint after a signal (30)
+#   ONEREC_ROOT, ONEREC_VENV, TORCHRUN   see launch/common.sh (also the NCCL and fault-handler
+#                   variables it sets where not set: NCCL_DEBUG=WARN, PYTHONFAULTHANDLER=1, ...)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -53,9 +64,21 @@ else
     args+=(--node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
 fi
 
+onerec_torchrun_log_args
+args+=("${TORCHRUN_LOG_ARGS[@]}")
+
 onerec_stage_args "$@"
-set -x
 if [[ -n "${ENTRY:-}" ]]; then
-    exec "$TORCHRUN" "${args[@]}" "$ENTRY" "$STAGE" "${ONEREC_ARGS[@]}"
+    worker=("$ENTRY" "$STAGE" "${ONEREC_ARGS[@]}")
+else
+    worker=(-m onerec.cli "$STAGE" "${ONEREC_ARGS[@]}")
 fi
-exec "$TORCHRUN" "${args[@]}" -m onerec.cli "$STAGE" "${ONEREC_ARGS[@]}"
+# Not exec'd: this script stays to pass SIGUSR1/SIGTERM on (as SIGTERM, which every torchrun
+# passes on to its workers) and to return the requeue code after them.
+onerec_trap_signals TERM
+set -x
+onerec_run "$TORCHRUN" "${args[@]}" "${worker[@]}"
+if [[ "$ONEREC_RC" == "$ONEREC_REQUEUE_EXIT" ]]; then
+    echo "torchrun.sh: $STAGE stopped on a signal (exit $ONEREC_REQUEUE_EXIT); run the same command again to continue" >&2
+fi
+exit "$ONEREC_RC"

@@ -5,8 +5,9 @@ Commands that read a config take `--config FILE` and any number of `key=value` o
 the resolved config and exits; `onerec --version` prints the version.
 
 Exit codes: 0 done; 2 a user error (bad config or input, a missing earlier stage, a damaged
-checkpoint) with a one-line message; anything else is a bug and shows its traceback
-(ONEREC_DEBUG=1 shows it for user errors too).
+checkpoint) with a one-line message; 75 training stopped on SIGUSR1/SIGTERM after a
+checkpoint: run the same command again to continue (onerec/train/preemption.py); anything
+else is a bug and shows its traceback (ONEREC_DEBUG=1 shows it for user errors too).
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ A fresh run moves every other run's checkpoints, and a best/ it did not write, a
 its first step and logs which. `FitResult.best_weights` is best/ only when this run wrote it
 (in this process, or in an earlier attempt that a resume continues), else None: a previous
 run's best weights are never reported, and so never exported, as this run's.
+
+Signals. While fit() runs, SIGUSR1 (Slurm's warning before the time limit) or SIGTERM
+(preemption, scancel) stops training at the end of the current step: the ranks agree on the
+step, write a checkpoint of it and exit with code 75, so that the job is requeued and resumes
+there (onerec/train/preemption.py).
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ from onerec.distributed.expert_parallel import (
     load_expert_parallel_state_dict,
 )
 from onerec.logging import RunLogger, progress_disabled
+from onerec.train.preemption import StopSignals, TrainingInterrupted
 
 log = logging.getLogger("onerec.train")
 
@@ -211,6 +217,7 @@ class Trainer:
         # run id either, and belong to the run being continued.
         self._continues_unstamped_run = False
         self.after_step = after_step
+        self._stop_signals = StopSignals()  # SIGUSR1/SIGTERM handlers, installed only in fit()
 
     # ----------------------------------------------------------------- state
     def _gather_rng(self, state_X: torch.Tensor) -> torch.Tensor:
@@ -442,10 +449,22 @@ class Trainer:
         return best
 
     def fit(self) -> FitResult:
+        """Train to the end; on SIGUSR1/SIGTERM checkpoint at the step's end and raise
+        TrainingInterrupted (exit code 75), see onerec/train/preemption.py."""
+        with self._stop_signals:
+            return self._fit()
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (a collective at each step boundary, so
+        every rank stops at the same step)."""
+        return not self._all_ranks_agree(self._stop_signals.received is None)
+
+    def _fit(self) -> FitResult:
         resume_from = resolve_resume(self.cfg.resume, self.stage_dir / "checkpoints")
         if resume_from is not None:
             self._restore(resume_from)
         self._start_run(resumed=resume_from is not None)
+        self.logger.set_training_run(self.state.run_id)  # a fresh run opens a new W&B run; a resumed one continues its own
         self.model.train()
         stopped_early = False
         window_start, window_samples = time.perf_counter(), 0
@@ -497,13 +516,22 @@ class Trainer:
             at_end = self.state.step == self.total_steps
             if self.state.step % self.cfg.eval_every == 0 or at_end:
                 stopped_early = self._evaluate()
-            if self.state.step % self.cfg.checkpoint_every == 0 or at_end or stopped_early:
+            checkpointed = self.state.step % self.cfg.checkpoint_every == 0 or at_end or stopped_early
+            if checkpointed:
                 self._checkpoint()
             if self.after_step is not None:
                 self.after_step(self.state.step)
             if stopped_early:
                 log.info("early stopping at step %d: no improvement in %d evaluations", self.state.step, self.cfg.patience)
                 break
+            if not at_end and self._stop_requested():
+                if not checkpointed:
+                    self._checkpoint()
+                bar.close()
+                reason = self._stop_signals.received or "a signal on another rank"
+                log.warning("step %d: stopped on %s, checkpoint in %s; run the same command again to continue",
+                            self.state.step, reason, self.stage_dir / "checkpoints")
+                raise TrainingInterrupted(self.state.step, reason)
         bar.close()
         return FitResult(
             steps=self.state.step,

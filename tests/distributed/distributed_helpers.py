@@ -74,14 +74,14 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
 
-def logged_records(out: Path) -> dict[int, dict]:
+def logged_records(out: Path, stage: str = "pretrain") -> dict[int, dict]:
     """The last training record per step in <out>/metrics.jsonl (a resumed run repeats steps)."""
     import json
 
     records = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if record.get("stage") == "pretrain" and "loss" in record:
+        if record.get("stage") == stage and "loss" in record:
             records[record["step"]] = record
     return records
 
