@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 
 from onerec.data.build import SortedInteractions, Tables
@@ -91,14 +92,41 @@ def load_prepared(data_dir: Path) -> PreparedData:
     meta = json.loads((data_dir / "meta.json").read_text())
     items = datasets.load_from_disk(str(data_dir / "items"))
     interactions = datasets.load_from_disk(str(data_dir / "interactions"))
-    arrow = interactions.data  # read columns straight from Arrow: no per-row Python objects
-    columns = [arrow.column(name).to_numpy() for name in ("user_index", "item_index", "order")]
-    if meta.get("sequence_column"):  # e.g. KuaiRand: users' sequences are their clicked impressions
-        positive = arrow.column(meta["sequence_column"]).to_numpy() > 0
-        columns = [column[positive] for column in columns]
-    sequences = UserSequences.from_sorted(
-        *columns,
-        num_users=meta["users"],
-        has_time=meta["has_time"],
-    )
+    sequences = _read_sequences(interactions, meta)
     return PreparedData(items, interactions, sequences, meta)
+
+
+def _interaction_batches(interactions: datasets.Dataset, columns: list[str]):
+    """The table's record batches, read from its Arrow files as a stream (not memory-mapped:
+    mapped pages that were read stay in the process's resident memory until it ends)."""
+    files = [entry["filename"] for entry in interactions.cache_files]
+    if not files:  # a dataset held in memory
+        yield from interactions.data.select(columns).to_batches()
+        return
+    for path in files:
+        with pa.OSFile(path) as handle:
+            for batch in pa.ipc.open_stream(handle):
+                yield batch.select(columns)
+
+
+def _read_sequences(interactions: datasets.Dataset, meta: dict) -> UserSequences:
+    """Users' items and orders in CSR form, filled a record batch at a time into one array
+    each: 16 bytes per interaction, without a whole int64 user column or concatenated copies.
+    With a sequence_column (KuaiRand) only interactions with a positive value there count."""
+    signal = meta.get("sequence_column")
+    columns = ["user_index", "item_index", "order"] + ([signal] if signal else [])
+    rows = interactions.num_rows
+    items, orders = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)  # pages touched only as filled
+    counts = np.zeros(meta["users"], dtype=np.int64)
+    filled = 0
+    for batch in _interaction_batches(interactions, columns):
+        user, item, order = (batch.column(name).to_numpy() for name in columns[:3])
+        if signal:
+            positive = batch.column(signal).to_numpy() > 0
+            user, item, order = user[positive], item[positive], order[positive]
+        counts += np.bincount(user, minlength=len(counts))
+        items[filled : filled + len(item)] = item
+        orders[filled : filled + len(order)] = order
+        filled += len(item)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return UserSequences(offsets, items[:filled], orders[:filled], has_time=meta["has_time"])
