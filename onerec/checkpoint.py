@@ -6,13 +6,21 @@ A checkpoint is a directory:
     checkpoints/step_00000500/
         model.safetensors       model weights, always the full model (an expert-parallel run
                                 gathers every rank's experts first)
-        train_state.pt          scheduler, progress, RNG states and, when every rank holds the
-                                same optimizer state, the optimizer: only tensors and plain
-                                Python values, so it loads with torch.load(weights_only=True)
+        train_state.pt          scheduler, progress, world size and global batch, RNG states
+                                and, when every rank holds the same optimizer state, the
+                                optimizer: only tensors and plain Python values, so it loads
+                                with torch.load(weights_only=True)
         optimizer_rank00000.pt  one per rank when the optimizer state is sharded (ZeRO 1/2
         optimizer_rank00001.pt  partitions, or experts sharded by expert parallelism)
         manifest.json           step, run_id, seq (write order), sha256 and size of each
                                 file, the resolved config
+
+The optimizer state, in train_state.pt or the per-rank files, is kept by parameter name as
+fragments of the whole parameters (onerec/distributed/optimizer_state.py), so a checkpoint
+written by N ranks loads on M ranks: every rank reads all per-rank files (read_rank_states)
+and takes what its own layout holds. Per-rank files of checkpoints written before that hold
+torch's optimizer state_dict of their rank and load on the same number of ranks only
+(load_rank_state).
 
 It is staged in a hidden temporary directory and renamed into place, so a crash (even a
 SIGKILL) never leaves a half-written `step_*` directory. With per-rank files every rank
@@ -364,13 +372,33 @@ def load_checkpoint(
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def saved_rank_files(path: Path) -> int:
+    """How many per-rank files a (verified) checkpoint holds: the world size that wrote them, or 0."""
+    return int(json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8")).get("rank_files", 0))
+
+
+def read_rank_states(path: Path) -> list[dict[str, Any]]:
+    """Every rank's file of a (verified) checkpoint with per-rank state, in rank order.
+
+    Memory-mapped: a rank of the resuming job touches only the parts it copies out. The
+    tensors are views of the files, so copy what is kept (the optimizer loader does).
+    """
+    return [
+        torch.load(path / rank_state_file(rank), map_location="cpu", weights_only=True, mmap=True)
+        for rank in range(saved_rank_files(path))
+    ]
+
+
 def load_rank_state(path: Path, rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's own file of a checkpoint with per-rank state (same world size only)."""
-    saved = int(json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8")).get("rank_files", 0))
+    """This rank's own file of a checkpoint with per-rank state, for state that only the same
+    number of ranks can load (torch's optimizer state_dict, as checkpoints written before the
+    optimizer was saved by parameter name hold)."""
+    saved = saved_rank_files(path)
     if saved != world_size:
         raise CheckpointError(
-            f"{path}: the optimizer state is sharded over {saved} ranks (ZeRO stage > 0 or expert "
-            f"parallelism) but this job has {world_size}; resume with {saved} processes, or start "
+            f"{path}: the optimizer state is sharded over {saved} ranks in the per-rank format of an "
+            f"older onerec, which only loads on the same number of ranks, but this job has {world_size}; "
+            f"resume with {saved} processes (checkpoints written since load on any number), or start "
             "over with train.resume=none"
         )
     return torch.load(path / rank_state_file(rank), map_location="cpu", weights_only=True)

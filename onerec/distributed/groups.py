@@ -49,3 +49,11 @@ def expert_parallel_group(name: str):
     from deepspeed.utils import groups
 
     return groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_rank(name: str) -> int:
+    """This rank's position among the ranks that hold the same experts (its expert-data-parallel
+    group, [0, 2] and [1, 3] for ep=2 on 4 ranks): 0 on the first copy."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_rank(name)

@@ -1,12 +1,12 @@
 """The shared training loop: DeepSpeed engine, warmup + cosine schedule, periodic
 validation with early stopping, best-weights copy, atomic resumable checkpoints.
 
-Data order is a pure function of (seed, epoch): each epoch is a seeded permutation of
-example indices, split into global batches, each rank taking its slice (the sampler,
-onerec.data.sampler.DistributedBatchSampler). A checkpoint
-therefore only needs the step counter to find its place again, plus each rank's torch RNG
-state for dropout; a resumed CPU run reproduces the uninterrupted run's losses exactly, also
-when torchrun restarts a whole multi-process job after one of its ranks died.
+Data order is a pure function of (seed, epoch) and the run's global batch: each epoch is a
+seeded permutation of example indices, split into global batches, each rank taking its slice
+(the sampler, onerec.data.sampler.DistributedBatchSampler). A checkpoint therefore only needs
+the step counter to find its place again, plus each rank's torch RNG state for dropout; a CPU
+run resumed on the same number of ranks reproduces the uninterrupted run's losses exactly,
+also when torchrun restarts a whole multi-process job after one of its ranks died.
 
 A step whose loss (checked before backward) or gradient norm (checked before the optimizer
 step) is NaN/inf is skipped on every rank: no update, gradients dropped, the batch consumed
@@ -14,11 +14,56 @@ and the step counted, so data order and LR schedule stay a function of the step.
 `train.max_nonfinite_steps` such steps in a row stop the run with NonFiniteLossError; the
 weights never take a non-finite update, so no checkpoint is written from a poisoned state.
 
-Checkpoints and best weights always hold the full model. When ranks hold different optimizer
-state (ZeRO 1/2 partitions, or experts sharded by expert parallelism) each rank saves its own
-optimizer file beside the shared train state, and a resume needs the same number of ranks.
-Under ZeRO the fp32 master copy is refreshed from the loaded weights before the optimizer
-state is restored, as DeepSpeed's own loader does.
+Checkpoints and best weights always hold the full model. The optimizer state is saved by
+parameter name, as fragments of the whole parameters (onerec/distributed/optimizer_state.py):
+rank 0 saves all of it when every rank holds the same (ZeRO 0 without expert parallelism),
+else each rank saves the share it holds (its ZeRO 1/2 partitions, its experts) in its own file
+beside the shared train state. Under ZeRO the fp32 master copy is refreshed from the loaded
+weights before the optimizer state is restored, as DeepSpeed's own loader does.
+
+Resuming on another number of ranks. A checkpoint written by N ranks resumes on M ranks,
+under any ZeRO stage and any expert-parallel size the new job can run (ep must divide M: a
+2-rank ep=2 run resumes on one rank with parallel.expert_parallel_size=1).
+- Weights: whole in the checkpoint; each rank keeps its experts' rows.
+- Optimizer: every rank reads every saved fragment and copies out the elements its layout
+  holds (its partition of each flat ZeRO group, or its parameters whole), so it gets the
+  saved AdamW exp_avg, exp_avg_sq and step bit for bit. The scheduler's position is restored
+  and each param group's LR set from it (expert parallelism splits the groups, so a saved
+  per-group list may not fit: the schedule is base LR x lambda(step) for every group).
+- Data position, LR schedule, step counter: the global batch G (examples per optimizer step,
+  over all ranks) belongs to the run: train.batch_size x the ranks it started on, recorded in
+  the train state. A resume keeps G whatever train.batch_size x M would give (it warns), so
+  each of the M ranks takes G / M examples per step (ceil(G / M) in rank order, the last rank
+  fewer, when M does not divide G; a split that leaves a rank none is refused). Steps per
+  epoch, total steps and the LR schedule (a function of the step) are then unchanged, and step
+  s consumes the uninterrupted run's global batch s: within the epoch no example is skipped or
+  repeated. The price: on fewer ranks each rank's batch grows (there is no gradient
+  accumulation); if G / M does not fit in memory, resume on more ranks.
+- RNG (dropout): on the same number of ranks each rank gets its own saved state back. On
+  another number no saved stream belongs to a rank any more (its share of each batch
+  changed), so every rank seeds torch's RNG from (seed, rank, step) (resume_rng_seed).
+- Exact or within tolerance: on the same number of ranks a CPU resume is bit for bit. On
+  another number the weights, optimizer state, LR and global batches are the same, but the
+  gradient is the mean of M per-rank gradients instead of N, reduced in another order (and
+  ZeRO partitions and the expert all-to-all cut differently), so with dropout off the
+  continued losses match the uninterrupted run's within float rounding, amplified a little
+  by Adam over the steps (tests/distributed/test_resume_world_size.py); with dropout on the
+  masks differ too, and they match only within dropout noise, never bit for bit. A loss that is
+  not a mean over examples makes the per-rank average itself depend on the split: pretraining's
+  next-token loss averages over a rank's real target codes (padded sessions count less) and
+  the MoE balance loss is computed over a rank's tokens, so there the resumed run optimises a
+  slightly different (equally valid) objective, as any data-parallel run on another number of
+  ranks does.
+
+Why this mechanism. torch.distributed.checkpoint reshards DTensor (FSDP) state, but DeepSpeed's
+ZeRO 1/2 partitions are flat buffers and the experts are sharded by hand, so it would need a
+planner built on the same fragment maps, and its metadata file is a pickle, which this
+loader never unpickles. DeepSpeed's universal checkpoint converts engine.save_checkpoint files
+offline (ds_to_universal, which loads them with weights_only=False) and would replace this
+project's atomic, verified checkpoint format. Gathering the whole state on rank 0 would cost
+collectives at every save and the whole optimizer state in one host's memory, which ZeRO
+exists to avoid; fragments cost no communication to save, and loading memory-maps the
+per-rank files, each rank copying out only its share.
 
 Runs. Every training run has an id (TrainState.run_id): a fresh uuid4 hex when it starts
 from scratch, the checkpoint's when it resumes (a checkpoint written before runs had ids
@@ -43,6 +88,7 @@ there (onerec/train/preemption.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -62,7 +108,9 @@ from onerec.checkpoint import (
     finish_checkpoint,
     load_checkpoint,
     load_rank_state,
+    read_rank_states,
     resolve_resume,
+    saved_rank_files,
     save_weights,
     set_aside,
     set_aside_other_runs,
@@ -70,8 +118,8 @@ from onerec.checkpoint import (
     weights_provenance,
     write_rank_state,
 )
-from onerec.config import TrainConfig
-from onerec.data.sampler import DistributedBatchSampler
+from onerec.config import ConfigError, TrainConfig
+from onerec.data.sampler import DistributedBatchSampler, ranks_left_empty
 from onerec.device import autocast_dtype
 from onerec.distributed.deepspeed import build_engine
 from onerec.distributed.groups import DistInfo
@@ -79,6 +127,12 @@ from onerec.distributed.expert_parallel import (
     expert_parallel_state_dict,
     has_expert_parallel_params,
     load_expert_parallel_state_dict,
+)
+from onerec.distributed.optimizer_state import (
+    is_fragments,
+    load_optimizer_fragments,
+    optimizer_fragments,
+    zero_partitioned,
 )
 from onerec.logging import RunLogger, progress_disabled
 from onerec.train.preemption import StopSignals, TrainingInterrupted
@@ -140,6 +194,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
     return factor
 
 
+def resume_rng_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of `rank` in a run resumed at `step` on another number of ranks than wrote
+    the checkpoint: a function of (seed, rank, step) only, different for every rank."""
+    digest = hashlib.sha256(f"onerec-resume-rng:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def epoch_batches(
     num_examples: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int
 ) -> list[torch.Tensor]:
@@ -185,10 +246,9 @@ class Trainer:
         self.logger = run_logger
         self.config_dict = config_dict
         self.seed = seed
-        self.sampler = DistributedBatchSampler(num_examples, cfg.batch_size, seed, dist_info.rank, dist_info.world_size)
-        self.steps_per_epoch = self.sampler.steps_per_epoch
-        by_epochs = cfg.max_epochs * self.steps_per_epoch
-        self.total_steps = min(by_epochs, cfg.max_steps) if cfg.max_steps > 0 else by_epochs
+        # The run's global batch: train.batch_size per rank at the start; a resume keeps the
+        # checkpoint's (_use_global_batch), on however many ranks it runs.
+        self._set_global_batch(cfg.batch_size * dist_info.world_size)
         self.autocast = autocast_dtype(cfg.precision, dist_info.device)
 
         decay, no_decay = [], []
@@ -209,8 +269,10 @@ class Trainer:
         )
         self.expert_parallel = has_expert_parallel_params(model)
         # Ranks hold different optimizer state: ZeRO partitions it, expert parallelism gives
-        # each rank different experts. Then every rank checkpoints its own.
+        # each rank different experts. Then every rank checkpoints its own share (by parameter
+        # name, onerec/distributed/optimizer_state.py), else rank 0 the whole of it.
         self.optimizer_per_rank = cfg.zero_stage > 0 or self.expert_parallel
+        self.zero_optimizer = zero_partitioned(self.engine.optimizer)  # DeepSpeed's ZeRO 1/2 optimizer, or None
 
         self.state = TrainState()
         # Set when a resumed checkpoint predates run ids: best weights of that era carry no
@@ -218,6 +280,48 @@ class Trainer:
         self._continues_unstamped_run = False
         self.after_step = after_step
         self._stop_signals = StopSignals()  # SIGUSR1/SIGTERM handlers, installed only in fit()
+
+    # ----------------------------------------------------------------- batches
+    def _set_global_batch(self, global_batch: int) -> None:
+        """Data order, steps per epoch and total steps for `global_batch` examples per step."""
+        self.sampler = DistributedBatchSampler(
+            self.num_examples, self.cfg.batch_size, self.seed, self.dist.rank, self.dist.world_size,
+            global_batch=global_batch,
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        by_epochs = self.cfg.max_epochs * self.steps_per_epoch
+        self.total_steps = min(by_epochs, self.cfg.max_steps) if self.cfg.max_steps > 0 else by_epochs
+
+    def _use_global_batch(self, global_batch: int, saved_world_size: int) -> None:
+        """Continue with the checkpoint's global batch (see the module docstring): the same
+        global batches step by step, the same steps per epoch, total steps and LR schedule."""
+        world = self.dist.world_size
+        if ranks_left_empty(global_batch, world):
+            raise ConfigError(
+                f"the checkpoint's global batch of {global_batch} examples per step cannot be split over "
+                f"{world} ranks (ceil({global_batch} / {world}) per rank leaves the last with none); resume on a "
+                f"number of ranks that divides {global_batch}, or start over with train.resume=none"
+            )
+        if global_batch != self.sampler.global_batch:
+            log.warning(
+                "resuming a run with %d examples per step (train.batch_size=%d on %d ranks would be %d): the "
+                "global batch stays the run's, %s per rank on these %d ranks",
+                global_batch, self.cfg.batch_size, world, self.sampler.global_batch,
+                global_batch // world if global_batch % world == 0 else f"up to {math.ceil(global_batch / world)}",
+                world,
+            )
+            self._set_global_batch(global_batch)
+            schedule = warmup_cosine(self.total_steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+            self.scheduler.lr_lambdas = [schedule] * len(self.scheduler.lr_lambdas)
+        if global_batch % world:
+            log.warning(
+                "%d ranks do not divide the global batch of %d: ranks take %d examples each in rank order and "
+                "the last fewer, so the averaged gradient weighs examples slightly unevenly",
+                world, global_batch, math.ceil(global_batch / world),
+            )
+        if saved_world_size != world:
+            log.info("the checkpoint was written by %d ranks; continuing on %d with the same global batches",
+                     saved_world_size, world)
 
     # ----------------------------------------------------------------- state
     def _gather_rng(self, state_X: torch.Tensor) -> torch.Tensor:
@@ -233,9 +337,15 @@ class Trainer:
         torch.distributed.all_gather(gathered, local_X)
         return torch.stack(gathered).cpu()
 
+    def _optimizer_fragments(self) -> dict[str, Any]:
+        """This rank's share of the optimizer state, by parameter name (no communication)."""
+        return optimizer_fragments(self.model, self.optimizer, self.zero_optimizer)
+
     def _train_state(self) -> dict[str, Any]:
         state = {
             **self.state.to_dict(),
+            "world_size": self.dist.world_size,
+            "global_batch_size": self.sampler.global_batch,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "torch_rng_per_rank": self._gather_rng(torch.get_rng_state()),
@@ -243,8 +353,8 @@ class Trainer:
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
             state["cuda_rng_per_rank"] = self._gather_rng(torch.cuda.get_rng_state())
-        if not self.optimizer_per_rank:
-            state["optimizer"] = self.optimizer.state_dict()
+        if not self.optimizer_per_rank:  # every rank holds the same: rank 0's is the whole state
+            state["optimizer"] = self._optimizer_fragments()
         return state
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
@@ -257,8 +367,70 @@ class Trainer:
             return expert_parallel_state_dict(self.model)
         return {name: value.detach().clone() for name, value in self.model.state_dict().items()}
 
+    def _saved_world_size(self, path: Path, state: dict[str, Any]) -> int:
+        """The number of ranks that wrote the checkpoint (older ones say it in other ways)."""
+        if "world_size" in state:
+            return int(state["world_size"])
+        if saved_rank_files(path):
+            return saved_rank_files(path)
+        per_rank = state.get("torch_rng_per_rank")
+        return int(per_rank.shape[0]) if per_rank is not None else self.dist.world_size
+
+    def _restore_optimizer(self, path: Path, state: dict[str, Any]) -> None:
+        """Optimizer state by parameter name, cut for this job's layout; or, from a checkpoint
+        written before that, torch's state_dict of the same layout."""
+        if "optimizer" in state:  # the whole state, from rank 0
+            sources = [state["optimizer"]]
+        else:  # a share per rank: every rank reads all of them
+            sources = [rank_state["optimizer"] for rank_state in read_rank_states(path)]
+        if sources and all(is_fragments(source) for source in sources):
+            load_optimizer_fragments(self.model, self.optimizer, self.zero_optimizer, sources, str(path))
+        elif "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(load_rank_state(path, self.dist.rank, self.dist.world_size)["optimizer"])
+
+    def _restore_schedule(self, saved: dict[str, Any]) -> None:
+        """The scheduler's position, and each param group's learning rate at it.
+
+        The schedule is a function of the step: base LR x lambda(step). Its saved per-group
+        lists follow the optimizer's groups, which expert parallelism splits (expert and dense
+        groups), so they are taken from this job's groups when their number differs.
+        """
+        saved = dict(saved)
+        groups = len(self.scheduler.base_lrs)
+        if len(saved.get("base_lrs", [])) != groups:
+            # The trainer gives every group the same base LR (train.lr); keep the saved one.
+            same = len(set(saved.get("base_lrs", []))) == 1
+            saved["base_lrs"] = [saved["base_lrs"][0]] * groups if same else list(self.scheduler.base_lrs)
+            saved["_last_lr"] = [base * schedule(saved["last_epoch"])
+                                 for base, schedule in zip(saved["base_lrs"], self.scheduler.lr_lambdas)]
+        saved["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)  # this job's lambdas (closures: never saved)
+        self.scheduler.load_state_dict(saved)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    def _restore_rng(self, state: dict[str, Any], saved_world_size: int) -> None:
+        """Each rank's RNG state (dropout) as it was, on the same number of ranks.
+
+        On another number of ranks no rank's saved stream belongs to it any more (its share of
+        each global batch changed), so every rank seeds its RNG from (seed, rank, step): runs
+        resumed alike draw alike, and ranks draw different dropout masks. A checkpoint written
+        before per-rank states were kept gives every rank rank 0's.
+        """
+        if saved_world_size != self.dist.world_size and "torch_rng_per_rank" in state:
+            torch.manual_seed(resume_rng_seed(self.seed, self.dist.rank, int(state["step"])))  # CPU and every GPU
+            if self.dist.is_main:
+                log.info("RNG: the checkpoint holds %d ranks' states, this job has %d ranks: each seeds its own "
+                         "from (seed, rank, step); with dropout the losses then match the uninterrupted run's "
+                         "within noise, not bit for bit", saved_world_size, self.dist.world_size)
+            return
+        torch.set_rng_state(self._rank_rng(state, "torch_rng"))
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(self._rank_rng(state, "cuda_rng"))
+
     def _rank_rng(self, state: dict[str, Any], key: str) -> torch.Tensor:
-        """This rank's saved RNG state; rank 0's when the world size changed (or an older checkpoint)."""
+        """This rank's saved RNG state; rank 0's for a checkpoint without per-rank states."""
         per_rank = state.get(f"{key}_per_rank")
         if per_rank is not None and per_rank.shape[0] == self.dist.world_size:
             return per_rank[self.dist.rank].clone()
@@ -271,15 +443,13 @@ class Trainer:
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
-        if self.optimizer_per_rank:
-            optimizer_state = load_rank_state(path, self.dist.rank, self.dist.world_size)["optimizer"]
-        else:
-            optimizer_state = state["optimizer"]
-        self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(self._rank_rng(state, "torch_rng"))
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(self._rank_rng(state, "cuda_rng"))
+        saved_world_size = self._saved_world_size(path, state)
+        # A checkpoint without it was written with train.batch_size per rank, like this job.
+        self._use_global_batch(int(state.get("global_batch_size", self.cfg.batch_size * saved_world_size)),
+                               saved_world_size)
+        self._restore_optimizer(path, state)
+        self._restore_schedule(state["scheduler"])
+        self._restore_rng(state, saved_world_size)
         self.state = TrainState.from_dict(state)
         log.info("resumed from %s at step %d", path, self.state.step)
 
@@ -299,7 +469,7 @@ class Trainer:
         self._barrier()
         staging = staging_dir(directory, self.state.step)
         if self.optimizer_per_rank:
-            write_rank_state(staging, self.dist.rank, {"optimizer": self.optimizer.state_dict()})
+            write_rank_state(staging, self.dist.rank, {"optimizer": self._optimizer_fragments()})
         self._barrier()
         if self.dist.is_main:
             finish_checkpoint(

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from onerec.data.sampler import DistributedBatchSampler
+from onerec.data.sampler import DistributedBatchSampler, ranks_left_empty
 
 
 def _steps(sampler: DistributedBatchSampler, start: int, count: int) -> list[torch.Tensor]:
@@ -38,6 +38,43 @@ def test_resume_at_any_step_gives_the_remaining_batches():
         # a fresh sampler (a restarted process) needs only the step counter
         resumed = _steps(DistributedBatchSampler(41, 4, seed=3, rank=1, world_size=2), start, len(uninterrupted) - start)
         assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[start:], strict=True))
+
+
+def _global_steps(num_examples, global_batch, seed, world_size, start, count):
+    """Each step's examples over all ranks, in rank order."""
+    samplers = [DistributedBatchSampler(num_examples, 1, seed, r, world_size, global_batch=global_batch)
+                for r in range(world_size)]
+    per_rank = [_steps(s, start, count) for s in samplers]
+    return [torch.cat([rank[i] for rank in per_rank]) for i in range(count)]
+
+
+@pytest.mark.parametrize("saved_world, resumed_world", [(2, 1), (1, 2), (2, 3), (4, 2), (3, 5)])
+def test_a_resume_on_another_world_size_takes_the_uninterrupted_global_batches(saved_world, resumed_world):
+    """The rule for a world-size change: the global batch stays the run's, so step s is global
+    batch s whatever the ranks, and every epoch takes each example once across the resume."""
+    num_examples, global_batch, seed, epochs = 53, 12, 5, 3
+    steps = DistributedBatchSampler(num_examples, 1, seed, global_batch=global_batch).steps_per_epoch
+    assert steps == 5  # 12, 12, 12, 12, 5
+    uninterrupted = _global_steps(num_examples, global_batch, seed, saved_world, 0, epochs * steps)
+    for resume_at in range(epochs * steps):
+        resumed = _global_steps(num_examples, global_batch, seed, resumed_world, resume_at, epochs * steps - resume_at)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[resume_at:], strict=True))
+        taken = uninterrupted[:resume_at] + resumed
+        for epoch in range(epochs):
+            assert sorted(torch.cat(taken[epoch * steps : (epoch + 1) * steps]).tolist()) == list(range(num_examples))
+
+
+def test_global_batch_defaults_to_batch_size_per_rank_and_splits_ceil_per_rank():
+    default = DistributedBatchSampler(50, 8, seed=1, rank=1, world_size=2)
+    explicit = DistributedBatchSampler(50, 3, seed=1, rank=1, world_size=2, global_batch=16)
+    assert default.global_batch == explicit.global_batch == 16
+    assert all(torch.equal(a, b) for a, b in zip(default.epoch_batches(0), explicit.epoch_batches(0), strict=True))
+    uneven = [DistributedBatchSampler(50, 1, seed=1, rank=r, world_size=3, global_batch=16) for r in range(3)]
+    assert [len(s.epoch_batches(0)[0]) for s in uneven] == [6, 6, 4] and uneven[0].batch_size == 6
+    assert not ranks_left_empty(16, 3) and not ranks_left_empty(4, 4) and not ranks_left_empty(10, 4)
+    assert ranks_left_empty(9, 4) and ranks_left_empty(3, 4)  # 3, 3, 3, 0 and 1, 1, 1, 0
+    with pytest.raises(ValueError, match="global_batch=0"):
+        DistributedBatchSampler(50, 8, seed=1, global_batch=0)
 
 
 def test_epochs_and_seeds_give_different_orders():

@@ -1,5 +1,6 @@
 """The shared training loop through a real (one-process, gloo) DeepSpeed engine."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -13,13 +14,22 @@ from onerec.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_rank_state,
+    read_rank_states,
     resolve_resume,
     verify_checkpoint,
+    write_manifest,
 )
 from onerec.config import ConfigError, LoggingConfig, TrainConfig
 from onerec.distributed.deepspeed import init_distributed
 from onerec.logging import RunLogger
-from onerec.train.trainer import NonFiniteLossError, Trainer, TrainState, epoch_batches, warmup_cosine
+from onerec.train.trainer import (
+    NonFiniteLossError,
+    Trainer,
+    TrainState,
+    epoch_batches,
+    resume_rng_seed,
+    warmup_cosine,
+)
 
 
 
@@ -130,12 +140,76 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     verify_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])  # rewritten whole
 
 
-def test_per_rank_optimizer_state_refuses_another_world_size(tmp_path):
-    _train(tmp_path, max_steps=4, zero_stage=1)
+def test_optimizer_state_is_saved_by_parameter_name_whole(tmp_path):
+    _, model = _train(tmp_path, max_steps=4, zero_stage=1)
     (checkpoint,) = list_checkpoints(tmp_path / "checkpoints")
-    assert load_rank_state(checkpoint, rank=0, world_size=1)["optimizer"]["state"]
-    with pytest.raises(CheckpointError, match=r"sharded over 1 ranks .* this job has 2; resume with 1 processes"):
+    (rank_state,) = read_rank_states(checkpoint)
+    saved = rank_state["optimizer"]
+    assert saved["format"] == "onerec.optimizer_fragments.v1"
+    names = dict(model.named_parameters())
+    assert sorted(saved["params"]) == sorted(names)
+    for name, entry in saved["params"].items():
+        # One rank holds every element: one fragment per parameter, the whole of it.
+        (fragment,) = entry["fragments"]
+        assert entry["shape"] == list(names[name].shape)
+        assert (fragment["start"], fragment["numel"]) == (0, names[name].numel())
+        assert fragment["state"]["exp_avg"].shape == fragment["state"]["exp_avg_sq"].shape == (names[name].numel(),)
+        assert float(fragment["state"]["step"]) == 4
+    state = load_checkpoint(checkpoint, Toy())
+    assert (state["world_size"], state["global_batch_size"]) == (1, 16)
+
+
+@pytest.mark.parametrize("saved_stage, resumed_stage", [(2, 0), (0, 1)])
+def test_a_checkpoint_resumes_under_another_zero_stage(tmp_path, saved_stage, resumed_stage):
+    """The optimizer layout changes (flat ZeRO partitions <-> per-parameter state) while the
+    saved values do not: the continued run matches the uninterrupted one within float rounding
+    (the ZeRO optimizer clips by a norm summed in another order)."""
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    _, full_model = _train(full_dir, zero_stage=saved_stage)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cut_dir, crash_at=7, zero_stage=saved_stage)
+    _, resumed_model = _train(cut_dir, resume="auto", zero_stage=resumed_stage)
+    full, cut = _losses(full_dir), _losses(cut_dir)
+    assert sorted(cut) == list(range(1, 13))
+    for step in range(1, 13):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_the_older_per_rank_format_still_resumes_exactly(tmp_path):
+    """Per-rank files written before the optimizer was saved by name hold torch's state_dict of
+    their rank: they still resume on the same number of ranks, and say so on another."""
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    _train(full_dir, zero_stage=1)
+    trainers, legacy = [], {}
+
+    def keep_torch_state(step):  # what an older onerec wrote at step 4
+        if step == 4:
+            legacy["optimizer"] = copy.deepcopy(trainers[0].optimizer.state_dict())
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(cut_dir, crash_at=7, zero_stage=1, after_step=keep_torch_state, trainers=trainers)
+    (checkpoint,) = list_checkpoints(cut_dir / "checkpoints")
+    torch.save(legacy, checkpoint / "optimizer_rank00000.pt")
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    write_manifest(checkpoint / "manifest.json", checkpoint, manifest["files"],
+                   **{k: v for k, v in manifest.items() if k not in ("files", "sizes")})
+    verify_checkpoint(checkpoint)
+    with pytest.raises(CheckpointError, match=r"sharded over 1 ranks in the per-rank format of an older onerec.* "
+                                              r"this job has 2; resume with 1 processes"):
         load_rank_state(checkpoint, rank=0, world_size=2)
+    _train(cut_dir, resume="auto", zero_stage=1)
+    full, cut = _losses(full_dir), _losses(cut_dir)
+    assert all(cut[step] == full[step] for step in range(1, 13))
+
+
+def test_ranks_seed_their_rng_from_seed_rank_and_step_on_another_world_size():
+    seeds = {resume_rng_seed(3, rank, 40) for rank in range(8)}
+    assert len(seeds) == 8  # every rank draws its own dropout masks
+    assert resume_rng_seed(3, 1, 40) == resume_rng_seed(3, 1, 40)  # a second resume draws the same
+    assert resume_rng_seed(3, 1, 40) not in (resume_rng_seed(4, 1, 40), resume_rng_seed(3, 1, 41))
+    assert all(0 <= seed < 2**63 for seed in seeds)
 
 
 def test_truncated_train_state_is_named_and_an_explicit_resume_refuses_it(tmp_path):
