@@ -89,6 +89,7 @@ there (onerec/train/preemption.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -108,6 +109,7 @@ from onerec.checkpoint import (
     finish_checkpoint,
     load_checkpoint,
     load_rank_state,
+    read_manifest,
     read_rank_states,
     resolve_resume,
     saved_rank_files,
@@ -215,6 +217,36 @@ class FitResult:
     best_metric: float
     stopped_early: bool
     best_weights: Optional[Path]
+
+
+# Settings that may differ between a checkpoint and the run that resumes it: where and how
+# often things are written, how long to train, how many ranks (the global batch is kept,
+# see above). Any other difference means another training run.
+RESUMABLE_CHANGES = (
+    "run.device", "run.out_dir", "data.cache_dir", "train.resume", "train.log_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.max_steps", "train.max_epochs", "train.batch_size", "train.max_nonfinite_steps",
+    "logging.", "parallel.", "eval.", "align.checkpoint_every",
+)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The settings (dotted keys) whose values differ between a checkpoint's config and the
+    current one, beyond RESUMABLE_CHANGES. A checkpoint without a config (old, or a caller
+    that passes none) has nothing to compare: []."""
+    if not saved or not current:
+        return []
+    before, after = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))  # as the manifest holds it
+    return sorted(key for key in before.keys() | after.keys()
+                  if before.get(key) != after.get(key) and not key.startswith(RESUMABLE_CHANGES))
 
 
 class Trainer:
@@ -631,6 +663,12 @@ class Trainer:
 
     def _fit(self) -> FitResult:
         resume_from = resolve_resume(self.cfg.resume, self.stage_dir / "checkpoints")
+        if resume_from is not None and self.cfg.resume == "auto":
+            changed = config_changes(read_manifest(resume_from / "manifest.json").get("config") or {}, self.config_dict)
+            if changed:  # every launcher passes resume=auto: never continue a run made with other settings
+                log.warning("not resuming %s: it was trained with other settings (%s); starting a fresh run, "
+                            "its checkpoints are set aside", resume_from, ", ".join(changed[:5]))
+                resume_from = None
         if resume_from is not None:
             self._restore(resume_from)
         self._start_run(resumed=resume_from is not None)

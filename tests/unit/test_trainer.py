@@ -26,6 +26,7 @@ from onerec.train.trainer import (
     NonFiniteLossError,
     Trainer,
     TrainState,
+    config_changes,
     epoch_batches,
     resume_rng_seed,
     warmup_cosine,
@@ -40,7 +41,7 @@ def _data():
 
 
 def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12, poison=None, max_nonfinite_steps=20,
-           seen=None, zero_stage=0, after_step=None, trainers=None):
+           seen=None, zero_stage=0, after_step=None, trainers=None, config=None):
     """`poison(call)` -> None | "loss" (a NaN loss) | "grad" (a finite loss with NaN gradients);
     `seen` collects a copy of the weights at each call."""
     dist_info = init_distributed("cpu")
@@ -75,7 +76,7 @@ def _train(stage_dir: Path, resume="none", crash_at=None, max_steps=12, poison=N
         zero_stage=zero_stage,
     )
     logger = RunLogger(LoggingConfig(), stage_dir, "test", {}, rank=0)
-    trainer = Trainer(cfg, model, NUM_EXAMPLES, step_fn, stage_dir, dist_info, logger, {}, seed=3, eval_fn=eval_fn,
+    trainer = Trainer(cfg, model, NUM_EXAMPLES, step_fn, stage_dir, dist_info, logger, config or {}, seed=3, eval_fn=eval_fn,
                       after_step=after_step)
     if trainers is not None:
         trainers.append(trainer)
@@ -298,3 +299,29 @@ def test_after_step_sees_every_finished_step_and_a_resume_restores_the_whole_tra
            after_step=resumed_steps.append, trainers=trainers)
     assert resumed_steps == [5, 6, 7, 8]  # the resumed run starts after the checkpoint's step
     assert trainers[1].state == finished  # same counters, best metric and best step at the end
+
+
+def test_an_automatic_resume_continues_only_a_run_made_with_the_same_settings(tmp_path):
+    """Every launcher passes train.resume=auto: a checkpoint trained with another learning
+    rate is not continued (a fresh run starts and sets it aside); one that differs only in
+    where and how often things are written is."""
+    settings = {"train": {"lr": 0.01, "log_every": 1}, "model": {"d_model": 8, "moe": {"num_experts": 4}}}
+    full_dir = tmp_path / "full"
+    _train(full_dir, config=settings)
+    for name, changed, resumes in [
+        ("lr", {**settings, "train": {"lr": 0.02, "log_every": 1}}, False),
+        ("experts", {**settings, "model": {"d_model": 8, "moe": {"num_experts": 8}}}, False),
+        ("log_every", {**settings, "train": {"lr": 0.01, "log_every": 5}}, True),
+    ]:
+        cut_dir = tmp_path / name
+        with pytest.raises(KeyboardInterrupt):
+            _train(cut_dir, crash_at=7, config=settings)
+        _train(cut_dir, resume="auto", config=changed)
+        set_aside = list(cut_dir.glob("checkpoints.superseded-*"))
+        assert bool(set_aside) is not resumes, name
+        if resumes:
+            assert _losses(cut_dir) == _losses(full_dir)
+    assert config_changes({"train": {"lr": 0.01}, "logging": {"wandb": "offline"}},
+                          {"train": {"lr": 0.01}, "logging": {"wandb": "disabled"}}) == []
+    assert config_changes({"data": {"text_fields": ["title"]}}, {"data": {"text_fields": ("title",)}}) == []
+    assert config_changes({"tokenizer": {"levels": 3}}, {"tokenizer": {"levels": 4}}) == ["tokenizer.levels"]
