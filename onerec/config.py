@@ -425,6 +425,10 @@ class RewardConfig:
     num_heads: int = ranged(2, min=1)
     layers: int = ranged(1, min=1)  # self-attention layers over the session
     dropout: float = ranged(0.1, min=0.0, below=1.0)
+    # Sessions per step over all ranks together (each rank takes batch_size / ranks), so the
+    # updates do not depend on how many ranks run it. Training runs through the shared Trainer
+    # (constant LR, held-out loss after every epoch); of train.* it reads only resume,
+    # keep_checkpoints, log_every and max_nonfinite_steps.
     batch_size: int = ranged(256, min=1)
     lr: float = ranged(1e-3, above=0.0)
     max_epochs: int = ranged(20, min=1)

@@ -124,7 +124,8 @@ def write_report(run_dir: Path) -> Path:
     section = Section("reward", "Reward model training")
     if reward_rows:
         section.intro = (
-            "The session reward model's loss per epoch; training stops when the held-out loss stops improving."
+            "The session reward model's training loss and its held-out loss after each epoch; training "
+            "stops when the held-out loss stops improving."
         )
         section.image = save("reward_curves", lambda: figures.reward_curves_figure(reward_rows))
     else:

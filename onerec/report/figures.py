@@ -273,16 +273,26 @@ def alignment_figure(alignment: dict) -> "Figure":
 
 
 def reward_curves_figure(rows: list[StepRow]) -> "Figure":
-    """The session reward model's training and held-out loss per epoch."""
+    """The session reward model's training loss and its held-out loss after each epoch.
+
+    The reward stage trains through the shared Trainer, which logs by step ("batch_loss":
+    the global batch's mean, "valid/heldout_loss"); runs written before it logged per epoch
+    ("train_loss", "heldout_loss") and are drawn by epoch.
+    """
     figure = _figure(7, 4)
     ax = figure.subplots()
     colours = _colours()
-    for i, (key, label) in enumerate((("train_loss", "training loss (last batch)"), ("heldout_loss", "held-out loss"))):
+    curves = (("batch_loss", "training loss (global batch)", None), ("valid/heldout_loss", "held-out loss", "o"))
+    x_label = "step"
+    if not any(len(series(rows, key)[1]) for key, _, _ in curves):
+        curves = (("train_loss", "training loss (last batch)", "o"), ("heldout_loss", "held-out loss", "o"))
+        x_label = "epoch"
+    for i, (key, label, marker) in enumerate(curves):
         steps, values = series(rows, key)
         if len(values):
-            ax.plot(steps, values, marker="o", markersize=4, color=colours[i], label=label)
+            ax.plot(steps, values, marker=marker, markersize=4, color=colours[i], label=label)
     ax.set_title("Reward model training")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("loss (BCE or MSE, mean over signals)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

@@ -81,8 +81,8 @@ class Stage:
     inputs: Callable[[RootConfig], list[Input]] = lambda cfg: []
     # The file whose presence means the stage finished (stages write atomically).
     done_marker: Optional[str] = None
-    # Runs on every rank of a launcher (torchrun / deepspeed / srun): pretrain trains data
-    # parallel, tokenize shards the items. launch/pipeline.sh starts these under its launcher;
+    # Runs on every rank of a launcher (torchrun / deepspeed / srun): pretrain and reward
+    # train data parallel, tokenize shards the items. launch/pipeline.sh starts these under its launcher;
     # `onerec pipeline` runs every stage in its one process, where a world of one does it all.
     distributed: bool = False
     # Whether `onerec pipeline` runs it for this config (None: not a pipeline stage).
@@ -142,8 +142,8 @@ STAGES: tuple[Stage, ...] = (
           config_sections=("data", "model", "train", "eval", "parallel", "run.seed")),
     Stage("reward", "session reward model on logged feedback -> <out>/reward",
           inputs=lambda cfg: [("data/meta.json", "data"), ("semantic_ids/semantic_ids.json", "tokenize")],
-          done_marker="reward/reward.json", in_pipeline=lambda cfg: cfg.reward.enabled,
-          config_sections=("data", "reward", "run.seed")),
+          done_marker="reward/reward.json", distributed=True, in_pipeline=lambda cfg: cfg.reward.enabled,
+          resumable=True, config_sections=("data", "reward", "run.seed")),
     Stage("dpo", "Iterative Preference Alignment (beam samples, reward, DPO + NTP) -> <out>/dpo/export",
           inputs=lambda cfg: [("data/meta.json", "data"), ("pretrain/export/model.safetensors", "pretrain"),
                               ("reward/reward.json", "reward")],

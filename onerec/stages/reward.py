@@ -9,6 +9,13 @@ items' training popularity.
 Only interactions before each user's validation target are used (in_training_period): the
 reward model steers IPA, so it must not have seen the targets the aligned model is scored on.
 
+Training goes through the shared Trainer (onerec/align/reward_training.py): it runs on every
+rank of a launcher, data parallel (`distributed` in the stage table), and keeps resumable
+checkpoints in <out>/reward/checkpoints and the best held-out epoch's weights in
+<out>/reward/best (train.resume=auto, which the launchers pass, continues a killed run).
+Every rank builds the same sessions from the same seed and ends holding the best weights;
+only rank 0 writes model.safetensors and reward.json.
+
 Shape legend: B sessions in a batch, S history length, M session items, L code levels, K signals.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,7 +32,7 @@ import torch
 from onerec.align.reward_eval import baseline_predictions, item_mean_signal, popularity_report, signal_report
 from onerec.align.reward_model import SessionRewardModel
 from onerec.align.reward_scorer import RewardScorer, model_kwargs
-from onerec.align.reward_training import fit_reward_model, predict_signals, regression_targets
+from onerec.align.reward_training import fit_reward_model, predict_signals, regression_targets, reward_train_config
 from onerec.align.sessions import (
     CONSUMED_COLUMN,
     build_sessions,
@@ -36,22 +44,25 @@ from onerec.checkpoint import save_weights
 from onerec.config import RootConfig, to_dict
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import in_training_period, training_item_counts
-from onerec.device import resolve_device
+from onerec.distributed.deepspeed import init_distributed
 from onerec.logging import RunLogger, write_json_atomic
 from onerec.paths import RunPaths
 from onerec.tokenizer.semantic_ids import SemanticIds
+from onerec.train.trainer import AfterStepFn
 
 log = logging.getLogger("onerec.reward")
 
 
-def main(cfg: RootConfig) -> dict:
+def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> dict:
+    """after_step: called with each finished training step's number (tests inject faults with it)."""
     rcfg = cfg.reward
     if not rcfg.signals:
         raise ValueError("reward.signals is empty: list the feedback signals to learn (see configs/demo.yaml)")
     started = time.perf_counter()
     paths = RunPaths.of(cfg.run.out_dir)
-    device = resolve_device(cfg.run.device)
-    torch.manual_seed(cfg.run.seed)
+    dist_info = init_distributed(cfg.run.device)
+    device = dist_info.device
+    torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
     prepared = load_prepared(paths.require(paths.data, "data"))
     semantic_ids = SemanticIds.load(paths.require(paths.semantic_ids, "tokenize"))
     num_items = int(semantic_ids.codes.shape[0])
@@ -95,37 +106,26 @@ def main(cfg: RootConfig) -> dict:
         "train": regression_targets(train, binary, mean_K, std_K),
         "heldout": regression_targets(heldout, binary, mean_K, std_K),
     }
-    run_logger = RunLogger(cfg.logging, paths.root, "reward", to_dict(cfg))
-    fit = fit_reward_model(scorer, train, heldout, targets, rcfg, run_logger, cfg.run.seed)
-
-    names, kinds = [s.name for s in rcfg.signals], [s.kind for s in rcfg.signals]
-    predictions = predict_signals(scorer, heldout, rcfg.batch_size)
-    item_mean = item_mean_signal(train.items, train.item_values, num_items)
-    report = {
-        "model": signal_report(predictions, heldout.labels, heldout.any_event, kinds, names),
-        "baseline_item_mean": signal_report(
-            baseline_predictions(heldout.items, item_mean), heldout.labels, heldout.any_event, kinds, names
-        ),
-        "baseline_popularity": popularity_report(heldout, item_counts_N, kinds, names),
-    }
-    run_logger.summary({
-        f"heldout/{name}/{metric}": value
-        for name, values in report["model"].items() for metric, value in values.items()
-    })
-    run_logger.close()
-    for name in names:
-        ours, base = report["model"][name], report["baseline_item_mean"][name]
-        if "auc" in ours:
-            log.info(
-                "held-out %s: AUC %.4f (item-mean baseline %.4f, popularity %.4f)",
-                name, ours["auc"], base["auc"], report["baseline_popularity"][name]["auc"],
-            )
-        else:
-            log.info("held-out %s: RMSE %.4f (item-mean baseline %.4f)", name, ours["rmse"], base["rmse"])
-
-    out = paths.reward
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / "model.safetensors")
+    train_cfg = reward_train_config(rcfg, cfg.train, len(train), dist_info.world_size)
+    config_dict = to_dict(cfg)
+    run_logger = RunLogger(cfg.logging, paths.root, "reward", config_dict, rank=dist_info.rank)
+    try:
+        fit = fit_reward_model(
+            scorer, train, heldout, targets, train_cfg, paths.reward, dist_info, run_logger, config_dict,
+            cfg.run.seed, after_step,
+        )
+        report = _heldout_report(scorer, train, heldout, item_counts_N, num_items, rcfg)
+        run_logger.summary({
+            f"heldout/{name}/{metric}": value
+            for name, values in report["model"].items() for metric, value in values.items()
+        })
+    finally:
+        run_logger.close()
+    if dist_info.is_main:
+        _log_report(report, [s.name for s in rcfg.signals])
+        out = paths.reward
+        out.mkdir(parents=True, exist_ok=True)
+        save_weights(model, out / "model.safetensors")
     result = {
         "signals": [asdict(s) for s in rcfg.signals],
         "target_mean": mean_K.tolist(),
@@ -136,9 +136,44 @@ def main(cfg: RootConfig) -> dict:
         "interactions": {"used": int(rows_x.sum()), "logged": len(rows_x)},
         "best_epoch": fit.best_epoch,
         "heldout_loss": fit.heldout_loss,
+        # steps run, the best epoch's last step, sessions per step over all ranks (reward.batch_size)
+        "training": {
+            "steps": fit.steps, "best_step": fit.best_step, "stopped_early": fit.stopped_early,
+            "ranks": dist_info.world_size, "global_batch": train_cfg.batch_size * dist_info.world_size,
+        },
         "heldout": report,
         "wall_seconds": time.perf_counter() - started,
     }
-    write_json_atomic(out / "reward.json", result)
-    log.info("reward model written to %s", out)
+    if dist_info.is_main:
+        write_json_atomic(paths.reward / "reward.json", result)
+        log.info("reward model written to %s", paths.reward)
+    if dist_info.world_size > 1:  # the job ends when rank 0 has written the output
+        torch.distributed.barrier()
     return result
+
+
+def _heldout_report(scorer: RewardScorer, train, heldout, item_counts_N: np.ndarray, num_items: int, rcfg) -> dict:
+    """Per signal, on the held-out sessions: the model (best weights), the item-mean baseline
+    and (binary signals) popularity. Every rank computes it alike; rank 0 writes it."""
+    names, kinds = [s.name for s in rcfg.signals], [s.kind for s in rcfg.signals]
+    predictions = predict_signals(scorer, heldout, rcfg.batch_size)
+    item_mean = item_mean_signal(train.items, train.item_values, num_items)
+    return {
+        "model": signal_report(predictions, heldout.labels, heldout.any_event, kinds, names),
+        "baseline_item_mean": signal_report(
+            baseline_predictions(heldout.items, item_mean), heldout.labels, heldout.any_event, kinds, names
+        ),
+        "baseline_popularity": popularity_report(heldout, item_counts_N, kinds, names),
+    }
+
+
+def _log_report(report: dict, names: list[str]) -> None:
+    for name in names:
+        ours, base = report["model"][name], report["baseline_item_mean"][name]
+        if "auc" in ours:
+            log.info(
+                "held-out %s: AUC %.4f (item-mean baseline %.4f, popularity %.4f)",
+                name, ours["auc"], base["auc"], report["baseline_popularity"][name]["auc"],
+            )
+        else:
+            log.info("held-out %s: RMSE %.4f (item-mean baseline %.4f)", name, ours["rmse"], base["rmse"])

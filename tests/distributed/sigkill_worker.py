@@ -1,7 +1,8 @@
-"""`onerec pretrain` for one rank of a torchrun job, with one rank SIGKILLing itself mid-run.
+"""`onerec pretrain` (or `onerec reward`) for one rank of a torchrun job, with one rank
+SIGKILLing itself mid-run.
 
 Usage (as launch/torchrun.sh's ENTRY): ENTRY=tests/distributed/sigkill_worker.py
-    SIGKILL_AT=RANK:STEP launch/torchrun.sh --config ... key=value ...
+    SIGKILL_AT=RANK:STEP [STAGE=reward] launch/torchrun.sh --config ... key=value ...
 
 Rank RANK kills itself right after step STEP on the job's first attempt only (torchrun counts
 restarts in TORCHELASTIC_RESTART_COUNT), so a job run with --max-restarts must come back by
@@ -19,13 +20,15 @@ import sys
 from onerec.cli import build_parser
 from onerec.config import load_config
 from onerec.logging import setup_console
-from onerec.stages import pretrain
+from onerec.stages import pretrain, reward
+
+STAGES = {"pretrain": pretrain, "reward": reward}  # the training stages that take after_step
 
 
 def main(argv: list[str]) -> None:
     setup_console()
     args = build_parser().parse_args(argv)
-    assert args.command == "pretrain", "this worker only runs the pretrain stage"
+    assert args.command in STAGES, f"this worker runs a training stage ({', '.join(STAGES)}), not {args.command}"
     cfg = load_config(args.config, list(args.overrides))
     kill_rank, _, kill_step = os.environ["SIGKILL_AT"].partition(":")
     rank = int(os.environ.get("RANK", "0"))
@@ -36,7 +39,7 @@ def main(argv: list[str]) -> None:
             logging.getLogger("onerec").warning("rank %d kills itself after step %d", rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    pretrain.main(cfg, after_step=after_step)
+    STAGES[args.command].main(cfg, after_step=after_step)
 
 
 if __name__ == "__main__":

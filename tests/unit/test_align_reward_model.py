@@ -48,3 +48,19 @@ def test_learns_a_planted_target_aware_signal():
         scores = model(history, hc, session, sc)[:, 0]
     accuracy = ((scores > 0).float() == label).float().mean()
     assert accuracy > 0.95, accuracy
+
+
+def test_reward_config_maps_onto_the_trainer_with_a_global_batch_split_over_the_ranks(caplog):
+    from onerec.align.reward_training import reward_train_config
+    from onerec.config import RewardConfig, TrainConfig
+
+    reward = RewardConfig(batch_size=64, lr=2e-3, max_epochs=7, patience=2)
+    train = TrainConfig(resume="auto", keep_checkpoints=3, log_every=5, max_nonfinite_steps=4, lr=9.0, warmup_steps=50)
+    one, four = (reward_train_config(reward, train, num_sessions=1000, world_size=w) for w in (1, 4))
+    assert (one.batch_size, four.batch_size) == (64, 16)  # per rank: the global batch stays 64
+    assert one.eval_every == one.checkpoint_every == four.eval_every == 16  # one epoch: ceil(1000 / 64) steps
+    assert (one.lr, one.warmup_steps, one.min_lr_ratio, one.max_epochs, one.patience) == (2e-3, 0, 1.0, 7, 2)
+    assert (one.resume, one.keep_checkpoints, one.log_every, one.max_nonfinite_steps) == ("auto", 3, 5, 4)
+    assert "not a multiple" not in caplog.text
+    odd = reward_train_config(reward, train, num_sessions=1000, world_size=3)
+    assert odd.batch_size == 22 and "reward.batch_size=64 is not a multiple of the 3 ranks" in caplog.text

@@ -63,6 +63,14 @@ def _pretrain(run_dir):
     _log(run_dir, "pretrain", [train[0], train[1], valid[0], train[2], train[3], valid[1]])
 
 
+def _reward(run_dir):
+    """What the reward stage logs through the Trainer: 3 epochs of 4 steps, held-out loss after each."""
+    train = [(step, {"loss": 0.7 - 0.01 * step, "batch_loss": 0.7 - 0.01 * step, "lr": 1e-3}) for step in range(1, 13)]
+    valid = [(step, {"valid/heldout_loss": 0.65 - 0.01 * step, "valid/neg_heldout_loss": 0.01 * step - 0.65})
+             for step in (4, 8, 12)]
+    _log(run_dir, "reward", sorted(train + valid, key=lambda record: record[0]))
+
+
 def _alignment_values(reward, recall):
     return {"users": 8, "reward_mean": reward, "reward_max": reward + 0.1,
             "per_signal": {"like": {"mean": reward, "max": reward + 0.1}},
@@ -70,7 +78,7 @@ def _alignment_values(reward, recall):
 
 
 def _align_and_evaluate(run_dir):
-    _log(run_dir, "reward", [(epoch, {"heldout_loss": 0.7 - 0.01 * epoch, "train_loss": 0.6}) for epoch in (1, 2, 3)])
+    _reward(run_dir)
     train_stats = {"users": 10, "pairs": 10, "chosen_reward": 0.9, "rejected_reward": 0.4, "dpo_loss": 0.65,
                    "ntp_loss": 1.2, "preference_accuracy": 0.8}
     rounds = [
@@ -229,3 +237,19 @@ def test_training_figures_are_the_expert_load_and_codebook_plots(full_run):
     figures = training_figures(run_dir)
     assert set(figures) == {"expert_load", "codebook_utilization"}
     assert len(figures["expert_load"].axes) == 3  # two MoE layers + the colour bar
+
+
+def test_reward_curves_draw_the_trainer_log_by_step_and_an_older_per_epoch_log_by_epoch():
+    from onerec.report.figures import reward_curves_figure
+
+    by_step = stage_rows([
+        *({"stage": "reward", "step": s, "loss": 0.7, "batch_loss": 0.6} for s in range(1, 7)),
+        {"stage": "reward", "step": 3, "valid/heldout_loss": 0.5},
+        {"stage": "reward", "step": 6, "valid/heldout_loss": 0.4},
+    ], "reward")
+    per_epoch = stage_rows([{"stage": "reward", "step": e, "train_loss": 0.6, "heldout_loss": 0.5} for e in (1, 2)],
+                           "reward")
+    for rows, x_label, points in ((by_step, "step", [6, 2]), (per_epoch, "epoch", [2, 2])):
+        (ax,) = reward_curves_figure(rows).axes
+        assert ax.get_xlabel() == x_label
+        assert [len(line.get_xdata()) for line in ax.get_lines()] == points

@@ -62,7 +62,7 @@ def test_plan_lists_the_pipeline_and_saves_the_resolved_config(tmp_path, capsys)
     assert cli_main(["plan", f"run.out_dir={out}", "reward.enabled=true"]) == 0
     lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     assert [line[0] for line in lines] == ["data", "tokenize", "pretrain", "reward", "evaluate"]
-    assert [line[1] for line in lines] == ["0", "1", "1", "0", "0"]  # distributed: tokenize, pretrain
+    assert [line[1] for line in lines] == ["0", "1", "1", "1", "0"]  # distributed: tokenize, pretrain, reward
     assert [line[2] for line in lines] == ["1"] * 5  # nothing has run: every stage runs
     assert (out / "config.yaml").is_file()
 
