@@ -513,6 +513,29 @@ def kmeans_scale_figure(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def ipa_sampling_figure(result: dict, path: Path) -> Path:
+    """bench/ipa_sampling.py: sessions/s of one IPA round's sampling (beam search, reward, pair,
+    reference log-probs, gather), one bar per number of ranks and expert-parallel size."""
+    plt = _pyplot()
+    rows = result["rows"]
+    base = next((r for r in rows if r["ranks"] == 1), rows[0])["sessions_per_s"]
+    labels = [f"{r['ranks']} rank{'s' if r['ranks'] > 1 else ''}" + (f"\nep={r['ep']}" if r["ep"] > 1 else "")
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 1.5), 4.2))
+    bars = ax.bar(range(len(rows)), [r["sessions_per_s"] for r in rows], color=OURS)
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['sessions_per_s']:,.0f}/s\n{r['sessions_per_s'] / base:.2f}x", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("generated sessions per second (all ranks)")
+    ax.set_ylim(0, max(r["sessions_per_s"] for r in rows) * 1.25)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"IPA sampling: {result['users']} users x {result['num_samples']} sessions")
+    fig.tight_layout()
+    _caption(fig, result, result.get("model", ""), "Speed-up against 1 rank. " + result.get("note", ""))
+    return _save(fig, path)
+
+
 FIGURES = {
     "quality": quality_figure,
     "kernels": kernels_figure,
@@ -523,6 +546,7 @@ FIGURES = {
     "pretrain_data_memory": pretrain_data_memory_figure,
     "kmeans_scale": kmeans_scale_figure,
     "scale": scale_figure,
+    "ipa_sampling": ipa_sampling_figure,
 }
 
 

@@ -38,7 +38,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import accelerator_name, device_slug  # noqa: E402  (same folder)
 from figures import save_figure  # noqa: E402
+from local_ranks import job_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -61,12 +61,6 @@ PRESETS = {
 }
 CODEBOOK_SIZES = [64, 64, 64, 32]  # 3 levels + dedup, as demo.yaml's tokenizer gives
 HISTORY, SESSION = 20, 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- worker
@@ -223,17 +217,7 @@ def launch(args: argparse.Namespace) -> dict:
     cuda = torch.cuda.is_available()
     world = torch.cuda.device_count() if cuda else 2
     out = Path(args.results_dir) / f".train_throughput_worker-{os.getpid()}.json"
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    if not cuda:
-        env["DS_ACCELERATOR"] = "cpu"
+    env = job_env(world)
     cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
            "--presets", *args.presets, "--ep", *map(str, args.ep)]

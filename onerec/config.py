@@ -461,8 +461,16 @@ class AlignConfig:
     beta: float = ranged(0.1, above=0.0)
     dpo_weight: float = ranged(1.0, min=0.0)  # lambda in NTP + lambda * DPO
     lr: float = ranged(1e-4, above=0.0)
+    # Pairs per optimizer step over all ranks together (each rank takes batch_size / ranks), so
+    # a round's updates do not depend on how many ranks run it. Of train.* the DPO training
+    # reads precision, zero_stage, grad_clip, keep_checkpoints, log_every, max_nonfinite_steps
+    # and resume.
     batch_size: int = ranged(64, min=1)
     epochs_per_round: int = ranged(1, min=1)
+    # Users per beam-search call while sampling and in the held-out generation: one call holds
+    # sample_batch_size x num_samples beams (OneRec's 128 samples: lower it if memory runs out).
+    sample_batch_size: int = ranged(16, min=1)
+    checkpoint_every: int = ranged(50, min=1)  # DPO steps between checkpoints within a round
     eval_users: int = ranged(500, min=1)  # held-out (validation) users for the reward and recall of generations
     # A round whose held-out Recall@10 falls more than this (relative) below the pretrained
     # model's is rejected and ends IPA: the last accepted round is exported. 1.0 keeps every round.

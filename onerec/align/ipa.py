@@ -1,36 +1,37 @@
-"""Iterative Preference Alignment (OneRec section 3.4): one round, and the held-out evaluation.
+"""Iterative Preference Alignment (OneRec section 3.4): the users of a round, and the held-out
+evaluation of a model before and after rounds.
 
 Shape legend: B users, N sampled sessions per user, M session items, L code levels,
-S history length, K signals.
+S history length, K signals, U users of a round.
 
-One round t, from the policy M_t:
-    1. sample r_dpo of the training users; each user's prompt is their latest training history
-    2. M_t generates N sessions per user by trie-constrained beam search
+One round t, from the policy M_t (the stage, onerec/stages/dpo.py, runs it over the ranks):
+    1. sample r_dpo of the training users (round_users); a user's prompt is their latest
+       training history (latest_training_prompts)
+    2. M_t generates N sessions per user by trie-constrained beam search   (align/sampling.py)
     3. the reward model scores them; the best is chosen, the worst rejected (ties: no pair)
     4. M_t, frozen, is the reference: its log-probs of both sessions are computed once
     5. the policy (starting from M_t) minimises NTP(real next session) + lambda * DPO(pairs)
+       through the shared Trainer                                          (align/dpo_training.py)
 The policy after the round is M_{t+1}.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+import torch.distributed as dist
 
-from onerec.align.dpo import dpo_loss, select_pairs, session_log_prob
+from onerec.align.pairs import shard_rows
 from onerec.align.reward_scorer import RewardScorer
-from onerec.config import AlignConfig
+from onerec.align.sampling import model_users
 from onerec.data.splits import Examples
 from onerec.inference.beam_search import constrained_beam_search, generate_sessions
 from onerec.inference.metrics import MetricAccumulator
-from onerec.logging import progress_disabled
 from onerec.model.onerec import lookup_codes
 from onerec.tokenizer.trie import Trie
-from onerec.train.losses import next_token_loss
 
 
 @dataclass
@@ -73,143 +74,28 @@ def latest_training_prompts(user, history, target) -> Prompts:
     return Prompts(user[last], history[last], target[last])
 
 
-def _users(model, user_B: torch.Tensor) -> torch.Tensor | None:
-    """The user ids when the model reads a hashed user token, else None."""
-    return user_B if model.cfg.user_buckets > 0 else None
-
-
-def _generate(model, prompts: Prompts, codes_NL, trie, num_samples: int, session_len: int, batch_size: int, device):
-    """Sessions [B, N, M] and their codes [B, N, M, L] by beam search, in batches."""
-    items, codes = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(prompts), batch_size):
-            rows = slice(start, start + batch_size)
-            history_BS = torch.as_tensor(prompts.history[rows], device=device)
-            user_B = _users(model, torch.as_tensor(prompts.user[rows], device=device))
-            out = generate_sessions(
-                model, lookup_codes(history_BS, codes_NL), trie, num_samples, session_len, user_B, history_BS
-            )
-            items.append(out.items_BWM)
-            codes.append(out.codes_BWML)
-    finally:
-        model.train(was_training)
-    return torch.cat(items), torch.cat(codes)
-
-
-def _log_probs(model, history_BS, user_B, codes_NL, session_codes_BML) -> torch.Tensor:
-    output = model(lookup_codes(history_BS, codes_NL), session_codes_BML, _users(model, user_B), history_BS)
-    return session_log_prob(output.logits_BMLC, session_codes_BML)
+def round_users(seed: int, round_index: int, num_prompts: int, fraction: float) -> np.ndarray:
+    """[U] the prompt rows sampled for round `round_index`, sorted: ceil(fraction x prompts) of
+    them (at least one), drawn from a generator seeded with (seed, round) alone, so a resumed
+    job, any number of ranks and a round run on its own all sample the same users."""
+    rng = np.random.default_rng([seed, round_index])
+    size = min(num_prompts, max(1, math.ceil(fraction * num_prompts)))
+    return np.sort(rng.choice(num_prompts, size=size, replace=False))
 
 
 @dataclass
 class RoundStats:
+    """One round's pairs and how the trained policy stands on them (round.json "train")."""
+
     users: int
     pairs: int
     chosen_reward: float
     rejected_reward: float
+    # The round's DPO and NTP losses of the policy after training, over all its pairs.
     dpo_loss: float
     ntp_loss: float
     preference_accuracy: float  # share of pairs whose implicit reward margin ends > 0
-
-
-def ipa_round(
-    policy,
-    scorer: RewardScorer,
-    prompts: Prompts,
-    codes_NL: torch.Tensor,
-    trie: Trie,
-    cfg: AlignConfig,
-    session_len: int,
-    generator: torch.Generator,
-    device: torch.device,
-) -> RoundStats:
-    """One round on `prompts` (already sampled); updates `policy` in place."""
-    codes_NL = codes_NL.to(device)
-    trie = trie.to(device)
-    sessions_BNM, session_codes_BNML = _generate(
-        policy, prompts, codes_NL, trie, cfg.num_samples, session_len, cfg.batch_size, device
-    )
-    history_BS = torch.as_tensor(prompts.history, device=device)
-    rewards = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        rows = slice(start, start + cfg.batch_size)
-        reward_BN, _ = scorer.score_sessions(history_BS[rows], sessions_BNM[rows])
-        rewards.append(reward_BN)
-    reward_BN = torch.cat(rewards).to(device)
-    # a dead beam (fewer valid sessions than N) must never be chosen nor rejected
-    dead_BN = (sessions_BNM < 0).any(-1)
-    chosen_B, rejected_B, usable_B = select_pairs(_mask_dead(reward_BN, dead_BN))
-    rows_B = torch.arange(len(prompts), device=device)
-    keep = usable_B.nonzero().squeeze(1)
-    chosen_codes = session_codes_BNML[rows_B, chosen_B][keep]
-    rejected_codes = session_codes_BNML[rows_B, rejected_B][keep]
-    history_BS = history_BS[keep]
-    user_B = torch.as_tensor(prompts.user, device=device)[keep]
-    target_BM = torch.as_tensor(prompts.target, device=device)[keep]
-    chosen_reward = reward_BN[rows_B, chosen_B][keep]
-    rejected_reward = reward_BN[rows_B, rejected_B][keep]
-    if len(keep) == 0:
-        return RoundStats(len(prompts), 0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
-
-    reference = copy.deepcopy(policy).eval()
-    with torch.no_grad():
-        ref_chosen, ref_rejected = [], []
-        for start in range(0, len(keep), cfg.batch_size):
-            rows = slice(start, start + cfg.batch_size)
-            ref_chosen.append(_log_probs(reference, history_BS[rows], user_B[rows], codes_NL, chosen_codes[rows]))
-            ref_rejected.append(_log_probs(reference, history_BS[rows], user_B[rows], codes_NL, rejected_codes[rows]))
-        ref_chosen, ref_rejected = torch.cat(ref_chosen), torch.cat(ref_rejected)
-    del reference
-
-    # Dropout off while aligning: the DPO margin must start at exactly 0 (policy == reference).
-    was_training = policy.training
-    policy.eval()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    dpo_total, ntp_total, batches = 0.0, 0.0, 0
-    for _ in range(cfg.epochs_per_round):
-        order = torch.randperm(len(keep), generator=generator).to(device)
-        for start in tqdm(range(0, len(keep), cfg.batch_size), desc="dpo", disable=progress_disabled(), leave=False):
-            rows = order[start : start + cfg.batch_size]
-            history_codes = lookup_codes(history_BS[rows], codes_NL)
-            chosen = _log_probs(policy, history_BS[rows], user_B[rows], codes_NL, chosen_codes[rows])
-            rejected = _log_probs(policy, history_BS[rows], user_B[rows], codes_NL, rejected_codes[rows])
-            dpo = dpo_loss(chosen, rejected, ref_chosen[rows], ref_rejected[rows], cfg.beta)
-            real_codes = lookup_codes(target_BM[rows], codes_NL)
-            output = policy(history_codes, real_codes, _users(policy, user_B[rows]), history_BS[rows])
-            ntp, _ = next_token_loss(output.logits_BMLC, real_codes, policy.code_mask_LC)
-            loss = ntp + cfg.dpo_weight * dpo
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            optimizer.step()
-            dpo_total, ntp_total, batches = dpo_total + dpo.item(), ntp_total + ntp.item(), batches + 1
-    with torch.no_grad():
-        margins = []
-        for start in range(0, len(keep), cfg.batch_size):
-            rows = slice(start, start + cfg.batch_size)
-            chosen = _log_probs(policy, history_BS[rows], user_B[rows], codes_NL, chosen_codes[rows]) - ref_chosen[rows]
-            rejected = _log_probs(policy, history_BS[rows], user_B[rows], codes_NL, rejected_codes[rows]) - ref_rejected[rows]
-            margins.append(chosen - rejected)
-        accuracy = (torch.cat(margins) > 0).float().mean().item()
-    policy.train(was_training)
-    return RoundStats(
-        users=len(prompts),
-        pairs=len(keep),
-        chosen_reward=chosen_reward.mean().item(),
-        rejected_reward=rejected_reward.mean().item(),
-        dpo_loss=dpo_total / max(batches, 1),
-        ntp_loss=ntp_total / max(batches, 1),
-        preference_accuracy=accuracy,
-    )
-
-
-def _mask_dead(reward_BN: torch.Tensor, dead_BN: torch.Tensor) -> torch.Tensor:
-    """Dead beams cannot be chosen: give them the row's live minimum (never above a live beam).
-    A row whose live beams all tie then has no pair (select_pairs marks it unusable)."""
-    live_min = reward_BN.masked_fill(dead_BN, float("inf")).min(dim=1, keepdim=True).values
-    return torch.where(dead_BN, live_min, reward_BN)
+    steps: int = 0  # DPO optimizer steps of the round (over all ranks together)
 
 
 @torch.no_grad()
@@ -227,44 +113,73 @@ def evaluate_alignment(
     batch_size: int,
     device: torch.device,
     exclude_history: bool = False,
+    distributed: bool = False,
 ) -> dict:
     """OneRec Table 1 on held-out users: reward of the N generated sessions (mean and max over
     beams, averaged over users), per signal, and Recall/NDCG@K of the first generated items
     (the item-level beam search the evaluate stage uses, with the same exclude_history rule)
-    against the held-out next item."""
+    against the held-out next item.
+
+    distributed=True: every rank of the default process group calls this with the same users;
+    each evaluates its strided share (padded to equal length, so an expert-parallel model's
+    collectives line up) and the per-user sums meet in one all-reduce: every rank returns the
+    single-process numbers, up to the order of float additions.
+    """
     codes_NL = codes_NL.to(device)
     trie = trie.to(device)
-    sessions_BNM, _ = _generate(model, prompts, codes_NL, trie, num_samples, session_len, batch_size, device)
-    history_all = torch.as_tensor(prompts.history, device=device)
+    world = dist.get_world_size() if distributed and dist.is_initialized() else 1
+    rows_R = shard_rows(len(prompts), dist.get_rank() if world > 1 else 0, world)
+    counted_R = rows_R >= 0
+    rows_R = rows_R.clamp(min=0).numpy()
     accumulator = MetricAccumulator(ks)
-    reward_mean, reward_max, signal_mean, signal_max = [], [], [], []
+    K = len(scorer.names)
+    # per-user sums: reward mean, reward max, users, then K signal means and K signal maxima
+    sums = torch.zeros(3 + 2 * K, dtype=torch.float64)
+    settings = f"align.sample_batch_size ({batch_size}) or align.num_samples ({num_samples})"
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(prompts), batch_size):
-            rows = slice(start, start + batch_size)
-            live_BN = (sessions_BNM[rows] >= 0).all(-1)
-            reward_BN, values_BNK = scorer.score_sessions(history_all[rows], sessions_BNM[rows].clamp(min=0))
+        for start in range(0, len(rows_R), batch_size):
+            rows, counted_B = rows_R[start : start + batch_size], counted_R[start : start + batch_size]
+            history_BS = torch.as_tensor(prompts.history[rows], device=device)
+            user_B = model_users(model, torch.as_tensor(prompts.user[rows], device=device))
+            history_codes_BSL = lookup_codes(history_BS, codes_NL)
+            sessions_BNM = generate_sessions(
+                model, history_codes_BSL, trie, num_samples, session_len, user_B, history_BS, settings=settings
+            ).items_BWM
+            live_BN = (sessions_BNM >= 0).all(-1)
+            reward_BN, values_BNK = scorer.score_sessions(history_BS, sessions_BNM.clamp(min=0))
+            reward_BN, values_BNK, live_BN = reward_BN.cpu().double(), values_BNK.cpu().double(), live_BN.cpu()
             count_B = live_BN.sum(1).clamp(min=1)
-            reward_mean.append((reward_BN * live_BN).sum(1) / count_B)
-            reward_max.append(reward_BN.masked_fill(~live_BN, float("-inf")).max(1).values)
-            signal_mean.append((values_BNK * live_BN[..., None]).sum(1) / count_B[:, None])
-            signal_max.append(values_BNK.masked_fill(~live_BN[..., None], float("-inf")).max(1).values)
-            history_BS = history_all[rows]
-            user_B = _users(model, torch.as_tensor(prompts.user[rows], device=device))
+            per_user = torch.cat([
+                ((reward_BN * live_BN).sum(1) / count_B)[:, None],
+                reward_BN.masked_fill(~live_BN, float("-inf")).max(1).values[:, None],
+                torch.ones(len(rows), 1, dtype=torch.float64),
+                (values_BNK * live_BN[..., None]).sum(1) / count_B[:, None],
+                values_BNK.masked_fill(~live_BN[..., None], float("-inf")).max(1).values,
+            ], dim=1)
+            sums += per_user[counted_B].sum(0)  # padding rows were computed, not counted
             top = constrained_beam_search(
-                model, lookup_codes(history_BS, codes_NL), trie, beam_width, user_B, history_BS,
+                model, history_codes_BSL, trie, beam_width, user_B, history_BS,
                 exclude_items_BX=history_BS if exclude_history else None,
             )
-            accumulator.update(top.items_BW[:, : max(ks)].cpu(), torch.as_tensor(targets_B[rows]))
+            if counted_B.any():
+                accumulator.update(top.items_BW[:, : max(ks)].cpu()[counted_B], torch.as_tensor(targets_B[rows])[counted_B])
     finally:
         model.train(was_training)
-    signal_mean_K = torch.cat(signal_mean).mean(0)
-    signal_max_K = torch.cat(signal_max).mean(0)
+    if world > 1:
+        # nccl reduces device tensors only
+        totals = torch.cat([sums, accumulator.state()]).to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+        sums = totals[: len(sums)]
+        accumulator.load_state(totals[len(sums) :])
+    users = sums[2].clamp(min=1)
+    signal_mean_K, signal_max_K = sums[3 : 3 + K] / users, sums[3 + K :] / users
     result = {
         "users": len(prompts),
-        "reward_mean": torch.cat(reward_mean).mean().item(),
-        "reward_max": torch.cat(reward_max).mean().item(),
+        "reward_mean": (sums[0] / users).item(),
+        "reward_max": (sums[1] / users).item(),
         "per_signal": {
             name: {"mean": signal_mean_K[k].item(), "max": signal_max_K[k].item()} for k, name in enumerate(scorer.names)
         },

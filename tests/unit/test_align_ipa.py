@@ -1,10 +1,12 @@
 """Session generation and one IPA round on a tiny problem with a planted reward."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from onerec.align.ipa import Prompts, evaluate_alignment, ipa_round, latest_training_prompts
+from onerec.align.ipa import Prompts, evaluate_alignment, latest_training_prompts, round_users
 from onerec.config import AlignConfig, ModelConfig, MoEConfig
 from onerec.inference.beam_search import constrained_beam_search, generate_sessions
 from onerec.model.onerec import OneRecModel, lookup_codes
@@ -94,7 +96,27 @@ def test_latest_training_prompts_of_a_split_read_only_each_users_last_row(split,
     assert len(none) == 0 and none.history.shape == (0, 5) and none.target.shape == (0, 3)
 
 
-def test_one_ipa_round_raises_the_reward_of_generations():
+def _sample(model, scorer, prompts, num_samples=8, batch_size=16, rows=None):
+    from onerec.align.sampling import sample_pairs
+
+    rows = torch.arange(len(prompts)) if rows is None else rows
+    picked = rows.clamp(min=0).numpy()
+    return sample_pairs(
+        model, scorer, torch.as_tensor(prompts.history[picked]), torch.as_tensor(prompts.user[picked]),
+        torch.as_tensor(prompts.target[picked]), rows, CODES, build_trie(CODES, SIZES), num_samples, 2, batch_size,
+        torch.device("cpu"),
+    )
+
+
+def test_one_ipa_round_through_the_trainer_raises_the_reward_of_generations(tmp_path):
+    """Sample pairs with the model, then DPO + NTP on them through the shared Trainer (a
+    one-process gloo group), as `onerec dpo` runs a round."""
+    from onerec.align.dpo_training import round_statistics, round_train_config, train_on_pairs
+    from onerec.config import LoggingConfig, TrainConfig
+    from onerec.distributed.deepspeed import init_distributed
+    from onerec.logging import RunLogger
+
+    dist_info = init_distributed("cpu")
     model = tiny_model(session_len=2, seed=1)
     trie = build_trie(CODES, SIZES)
     g = torch.Generator().manual_seed(0)
@@ -110,12 +132,66 @@ def test_one_ipa_round_raises_the_reward_of_generations():
                                   beam_width=10, ks=[5, 10], batch_size=32, device=torch.device("cpu"))
 
     before = measure()
-    stats = ipa_round(model, scorer, prompts, CODES, trie, cfg, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    table = _sample(model, scorer, prompts)
+    assert len(table) == users and table.row_R.tolist() == list(range(users))
+    pairs = table.usable()
+    assert len(pairs) > 0 and (pairs.chosen_reward_R > pairs.rejected_reward_R).all()
+    train_cfg = round_train_config(cfg, TrainConfig(), world_size=1)
+    logger = RunLogger(LoggingConfig(), tmp_path, "dpo", {})
+    fit = train_on_pairs(model, pairs, CODES, cfg, train_cfg, tmp_path / "round_1", dist_info, logger, {}, seed=0)
+    logger.close()
+    assert fit.steps == 3 * math.ceil(len(pairs) / 16)  # align.epochs_per_round x steps per epoch
+    stats = round_statistics(model, pairs, CODES, cfg, torch.device("cpu"), 0, 1, None, fit.steps, len(table))
     after = measure()
-    assert stats.pairs > 0 and stats.chosen_reward > stats.rejected_reward
-    assert stats.preference_accuracy > 0.5
+    assert stats.pairs == len(pairs) and stats.chosen_reward > stats.rejected_reward
+    assert stats.preference_accuracy > 0.5 and stats.dpo_loss < math.log(2)
     assert after["reward_mean"] > before["reward_mean"] + 0.05, (before, after)
     assert set(after["per_signal"]) == {"good"} and "recall@10" in after
+    assert list((tmp_path / "round_1" / "checkpoints").glob("step_*")), "the Trainer checkpoints the round"
+
+
+def test_a_users_pair_does_not_depend_on_its_batch_or_shard():
+    """The rows a rank samples for its share (strided, padded with -1 rows) are the rows of the
+    whole round: gathered back in row order they are the one-process table."""
+    from onerec.align.pairs import PairTable, gather_rows, shard_rows
+
+    model = tiny_model(session_len=2, seed=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = Prompts(np.arange(11), torch.randint(0, NUM_ITEMS, (11, 4), generator=g).numpy(),
+                      torch.randint(0, NUM_ITEMS, (11, 2), generator=g).numpy())
+    whole = gather_rows(_sample(model, PlantedReward(), prompts, batch_size=4), 1, torch.device("cpu"))
+    shares = [_sample(model, PlantedReward(), prompts, batch_size=3, rows=shard_rows(11, r, 3)) for r in range(3)]
+    assert [len(s) for s in shares] == [4, 4, 4] and (shares[2].row_R == -1).sum() == 1
+    merged = gather_rows(PairTable.concat(shares), 1, torch.device("cpu"))
+    for name, value in whole.tensors().items():
+        torch.testing.assert_close(getattr(merged, name), value, msg=name)
+
+
+def test_pairs_file_round_trips_without_pickle(tmp_path):
+    from onerec.align.pairs import load_pairs, save_pairs
+    from onerec.errors import CorruptFileError
+
+    model = tiny_model(session_len=2, seed=4)
+    g = torch.Generator().manual_seed(2)
+    prompts = Prompts(np.arange(5), torch.randint(0, NUM_ITEMS, (5, 4), generator=g).numpy(),
+                      torch.randint(0, NUM_ITEMS, (5, 2), generator=g).numpy())
+    table = _sample(model, PlantedReward(), prompts, num_samples=4)
+    save_pairs(tmp_path / "pairs.safetensors", table, {"round": 3})
+    loaded, meta = load_pairs(tmp_path / "pairs.safetensors")
+    assert meta == {"round": 3} and not list(tmp_path.glob(".*tmp*"))
+    for name, value in table.tensors().items():
+        assert torch.equal(getattr(loaded, name), value), name
+    (tmp_path / "broken.safetensors").write_bytes((tmp_path / "pairs.safetensors").read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match="broken.safetensors"):
+        load_pairs(tmp_path / "broken.safetensors")
+
+
+def test_round_users_depend_on_seed_and_round_only():
+    first = round_users(7, 1, 1000, 0.01)
+    assert len(first) == 10 and (np.diff(first) > 0).all()
+    np.testing.assert_array_equal(round_users(7, 1, 1000, 0.01), first)
+    assert not np.array_equal(round_users(7, 2, 1000, 0.01), first)
+    assert len(round_users(7, 1, 5, 0.01)) == 1 and len(round_users(7, 1, 3, 1.0)) == 3
 
 
 def test_held_out_recall_follows_the_exclude_history_rule():

@@ -109,6 +109,11 @@ SAMPLES = {
             for n in (10**5, 10**6, 10**7)
         ],
     },
+    "ipa_sampling": {
+        **RUN, "users": 48, "num_samples": 128, "model": "a small test model", "note": "a sample",
+        "rows": [{"ranks": 1, "ep": 1, "sessions_per_s": 818.0}, {"ranks": 2, "ep": 1, "sessions_per_s": 1533.0},
+                 {"ranks": 2, "ep": 2, "sessions_per_s": 1027.0}],
+    },
 }
 
 

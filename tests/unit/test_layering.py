@@ -82,5 +82,6 @@ def test_only_distributed_code_imports_onerec_distributed():
         if "distributed" in _imported_packages(path) and path.parent.name != "distributed"
     )
     assert users == [
-        "onerec/stages/pretrain.py", "onerec/stages/reward.py", "onerec/stages/tokenize.py", "onerec/train/trainer.py"
+        "onerec/stages/dpo.py", "onerec/stages/pretrain.py", "onerec/stages/reward.py", "onerec/stages/tokenize.py",
+        "onerec/train/trainer.py"
     ], users

@@ -108,3 +108,12 @@ def test_a_stage_whose_lock_another_live_process_holds_stops_with_its_pid(tmp_pa
     with pytest.raises(ResourceError, match=f"pid {holder}"):
         run_stage(BY_NAME["data"], load_config(None, ["data.format=movielens", f"run.out_dir={run}"]))
     assert not (run / "data").exists()
+
+
+def test_plan_runs_dpo_on_every_rank(tmp_path, capsys):
+    """IPA samples sharded over the ranks and trains through the Trainer: launch/pipeline.sh and
+    the Slurm script start `onerec dpo` under their launcher, as they start pretrain."""
+    out = tmp_path / "run"
+    assert cli_main(["plan", f"run.out_dir={out}", "reward.enabled=true", "align.enabled=true"]) == 0
+    distributed = dict(line.split("\t")[:2] for line in capsys.readouterr().out.strip().splitlines())
+    assert distributed["dpo"] == "1" and distributed["evaluate"] == "0"
