@@ -229,3 +229,36 @@ def test_launch_pipeline_script_runs_the_stage_tables_stages_and_skips_finished_
     again = subprocess.run(script, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("up to date, skipping") == 5
+
+
+def test_launch_pipeline_runs_every_stage_on_two_ranks(tmp_path):
+    """launch/pipeline.sh under torchrun with 2 gloo ranks and a tokenizer that needs SASRec
+    vectors: data, baseline, tokenize, pretrain, reward, dpo and evaluate all run to the end,
+    the distributed ones (tokenize, pretrain, reward, dpo) on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    _write_log(tmp_path / "raw")
+    overrides = _overrides(tmp_path) + [
+        "tokenizer.collaborative_weight=0.5", "tokenizer.collaborative_source=sasrec", "sasrec.max_epochs=1",
+        "train.max_steps=4", "train.batch_size=16",
+        "reward.enabled=true", "reward.d_model=16", "reward.max_epochs=2", "reward.batch_size=32",
+        "reward.negatives=1", "reward.signals=[{name: consumed, column: consumed, threshold: 0.5}]",
+        "align.enabled=true", "align.rounds=1", "align.users_fraction=0.3", "align.num_samples=4",
+        "align.batch_size=8", "align.eval_users=16", "align.max_recall_drop=1.0",
+    ]
+    env = dict(os.environ, LAUNCHER="torchrun", NPROC_PER_NODE="2", MAX_RESTARTS="0",
+               ONEREC_VENV=str(Path(sys.executable).parent.parent), ONEREC_NO_PROGRESS="1", WANDB_MODE="disabled",
+               HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    result = subprocess.run([str(repo / "launch" / "pipeline.sh"), *overrides], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    ran = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("pipeline: == ")]
+    assert ran == ["data", "baseline", "tokenize", "pretrain", "reward", "dpo", "evaluate"]
+    run = tmp_path / "run"
+    assert (run / "metrics.json").is_file() and (run / "dpo" / "alignment.json").is_file()
+    reward = json.loads((run / "reward" / "reward.json").read_text())
+    assert reward["training"]["ranks"] == 2
