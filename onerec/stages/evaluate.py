@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,13 +35,25 @@ log = logging.getLogger("onerec.evaluate")
 
 
 def main(cfg: RootConfig) -> dict:
-    run_logger = RunLogger(cfg.logging, RunPaths.of(cfg.run.out_dir).root, "evaluate", to_dict(cfg))
+    paths = RunPaths.of(cfg.run.out_dir)
+    run_logger = RunLogger(cfg.logging, paths.root, "evaluate", to_dict(cfg))
     try:
         metrics = _evaluate(cfg)
-        log_metrics(run_logger, metrics)
+        log_metrics(run_logger, with_sasrec(metrics, paths.sasrec / "metrics.json"))
     finally:
         run_logger.close()
     return metrics
+
+
+def with_sasrec(metrics: dict, sasrec_metrics: Path) -> dict:
+    """metrics with the SASRec baseline's valid/test numbers beside the popularity baseline,
+    when the baseline stage ran in this run directory: for the W&B summary and table only
+    (metrics.json stays what this stage computed, so its freshness depends on its own inputs)."""
+    if not sasrec_metrics.is_file():
+        return metrics
+    sasrec = json.loads(sasrec_metrics.read_text())
+    baselines = {**metrics.get("baselines", {}), "sasrec": {split: sasrec[split] for split in ("valid", "test") if split in sasrec}}
+    return {**metrics, "baselines": baselines}
 
 
 def log_metrics(run_logger: RunLogger, metrics: dict) -> None:

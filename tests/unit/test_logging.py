@@ -364,3 +364,19 @@ def test_evaluate_summary_and_table_hold_metrics_json(tmp_path, monkeypatch):
         ["valid", "sasrec baseline", 0.2, 0.1], ["test", "OneRec (pretrained)", 0.5, 0.25],
         ["test", "popularity baseline", 0.0625, 0.03125], ["test", "sasrec baseline", 0.3, 0.15],
     ]
+
+
+def test_the_evaluate_summary_sets_sasrec_beside_popularity_when_the_baseline_ran(tmp_path):
+    from onerec.report.tables import metrics_table
+    from onerec.stages.evaluate import with_sasrec
+
+    metrics = {"model": "pretrain/export", "valid": {"ndcg@10": 0.05}, "test": {"ndcg@10": 0.04},
+               "baselines": {"popularity": {"valid": {"ndcg@10": 0.02}, "test": {"ndcg@10": 0.01}}}}
+    assert with_sasrec(metrics, tmp_path / "missing.json") is metrics
+    (tmp_path / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": 0.06}, "test": {"ndcg@10": 0.05},
+                                                       "best_epoch": 3}))
+    logged = with_sasrec(metrics, tmp_path / "metrics.json")
+    assert logged["baselines"]["sasrec"] == {"valid": {"ndcg@10": 0.06}, "test": {"ndcg@10": 0.05}}
+    assert "sasrec" not in metrics["baselines"]  # metrics.json itself is left as evaluate computed it
+    _, rows = metrics_table(logged)
+    assert ["test", "sasrec baseline", 0.05] in rows
