@@ -93,12 +93,22 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def console_format(environ) -> str:
+    """The console line format: with the rank in it when several ranks run and no launcher
+    prefixes the lines already (torchrun does, through launch/common.sh's LOG_PREFIX; the
+    DeepSpeed launcher and srun do not)."""
+    several = int(environ.get("WORLD_SIZE", "1") or 1) > 1
+    if several and not environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"):
+        return _CONSOLE_FORMAT.replace("%(levelname)s", f"[rank {environ.get('RANK', '?')}] %(levelname)s", 1)
+    return _CONSOLE_FORMAT
+
+
 def setup_console(level: int = logging.INFO) -> None:
     """Human-readable console logging for the `onerec` loggers (idempotent)."""
     root = logging.getLogger("onerec")
     if not any(getattr(handler, "_onerec_console", False) for handler in root.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(_CONSOLE_FORMAT, datefmt="%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(console_format(os.environ), datefmt="%H:%M:%S"))
         handler._onerec_console = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)

@@ -380,3 +380,12 @@ def test_the_evaluate_summary_sets_sasrec_beside_popularity_when_the_baseline_ra
     assert "sasrec" not in metrics["baselines"]  # metrics.json itself is left as evaluate computed it
     _, rows = metrics_table(logged)
     assert ["test", "sasrec baseline", 0.05] in rows
+
+
+def test_console_lines_name_the_rank_when_no_launcher_prefixes_them():
+    from onerec.logging import _CONSOLE_FORMAT, console_format
+
+    assert console_format({}) == _CONSOLE_FORMAT
+    assert "[rank 3]" in console_format({"WORLD_SIZE": "4", "RANK": "3"})
+    # torchrun (launch/common.sh) already starts each worker line with its rank
+    assert console_format({"WORLD_SIZE": "4", "RANK": "3", "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[${rank}]: "}) == _CONSOLE_FORMAT
