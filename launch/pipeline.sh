@@ -26,7 +26,7 @@
 # The arguments go to every `onerec <stage>` unchanged: --config FILE and key=value overrides.
 #
 # Env knobs:
-#   LAUNCHER   how the distributed stages (tokenize, sharding the items; pretrain) run: torchrun (default;
+#   LAUNCHER   how the distributed stages (tokenize, pretrain, reward, dpo: `onerec plan`) run: torchrun (default;
 #              launch/torchrun.sh, see its knobs), deepspeed (launch/deepspeed.sh), slurm
 #              (launch/slurm/pretrain.sbatch inside the current allocation), none (one
 #              plain process)
