@@ -23,7 +23,7 @@ from distributed_helpers import REPO, free_port, process_env, run_logged, run_ra
 
 TORCHRUN_SH = str(REPO / "launch" / "torchrun.sh")
 DPO_WORKER = REPO / "tests" / "distributed" / "dpo_worker.py"
-SIGKILL_WORKER = REPO / "tests" / "distributed" / "dpo_sigkill_worker.py"
+SIGKILL_WORKER = REPO / "tests" / "distributed" / "sigkill_worker.py"
 TIMEOUT_S = 600  # only catches a hang (a collective mismatch); the runs take seconds
 
 _spec = importlib.util.spec_from_file_location("onerec_integration_alignment", REPO / "tests/integration/test_alignment.py")
