@@ -37,7 +37,7 @@ from onerec.config import DataConfig
 from onerec.data import columns
 from onerec.data.errors import BadRows, DataError
 from onerec.data.files import SourceFile, resolve_files
-from onerec.data.readers import allow_long_csv_fields, decoding_error, parse_number, parse_time
+from onerec.data.readers import PARQUET_DAMAGE, allow_long_csv_fields, decoding_error, parse_number, parse_time
 from onerec.data.schema import Ids, RawItems, RawLog
 from onerec.logging import progress_disabled
 
@@ -338,28 +338,13 @@ class _LogReader:
 
     # -- Parquet
     def read_parquet(self, source: SourceFile, only_file: bool) -> None:
-        try:
-            handle = pq.ParquetFile(source.path if source.is_local else source.fs.open(source.path, "rb"))
-            names = handle.schema_arrow.names
-        except (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError) as err:
-            raise _unreadable_parquet(source, err) from None
-        missing = [c for c in self.names if c not in names]
-        if missing:
-            raise DataError(source.name, "header", missing[0], f"column not found; the file has {names}")
+        handle = _open_parquet(source, self.names)
         if handle.metadata.num_rows == 0 and only_file:
             raise DataError(source.name, "", "*", "the file has no rows")
         span = _Span(source, self.rows)
         self.spans.append(span)
         record = 0
-        batches = handle.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(self.names)))
-        while True:
-            try:
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                batch.validate(full=True)  # offsets, and UTF-8 in string columns, which pyarrow does not check on read
-            except (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError) as err:
-                raise _unreadable_parquet(source, err) from None
+        for batch in _parquet_batches(source, handle, self.names):
             self._convert(batch, span, record, self.bad, lambda row, first: f"row {first + row + 1}")
             record += batch.num_rows
 
@@ -448,6 +433,39 @@ def _unreadable_parquet(source: SourceFile, err: BaseException) -> DataError:
     return DataError(source.name, "", "*", f"not a readable Parquet file ({reason[:300]})")
 
 
+def _parquet_file(source: SourceFile) -> pq.ParquetFile:
+    return pq.ParquetFile(source.path if source.is_local else source.fs.open(source.path, "rb"))
+
+
+def _open_parquet(source: SourceFile, required: list[str]) -> pq.ParquetFile:
+    """The file with its footer read and every required column present, or a DataError naming it."""
+    try:
+        handle = _parquet_file(source)
+        names = handle.schema_arrow.names
+    except PARQUET_DAMAGE as err:
+        raise _unreadable_parquet(source, err) from None
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(source.name, "header", missing[0], f"column not found; the file has {names}")
+    return handle
+
+
+def _parquet_batches(source: SourceFile, handle: pq.ParquetFile, columns: list[str]):
+    """The file's record batches of `columns`, each fully validated (offsets, and UTF-8 in
+    string columns, which pyarrow does not check on read); damage is a DataError naming it."""
+    batches = handle.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(columns)))
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is not None:
+                batch.validate(full=True)
+        except PARQUET_DAMAGE as err:
+            raise _unreadable_parquet(source, err) from None
+        if batch is None:
+            return
+        yield batch
+
+
 def _csv_rows(source: SourceFile, cfg: DataConfig, required: list[str]):
     """(line, {column: text}) per non-blank record, or (line, None) for a record with the
     wrong number of fields; the header must name every required column."""
@@ -474,23 +492,12 @@ def _csv_rows(source: SourceFile, cfg: DataConfig, required: list[str]):
 
 def _parquet_rows(source: SourceFile, required: list[str]):
     """(where, {column: text}) per row of a Parquet file, as _row_texts writes values."""
-    try:
-        handle = pq.ParquetFile(source.path if source.is_local else source.fs.open(source.path, "rb"))
-        names = handle.schema_arrow.names
-    except (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError) as err:
-        raise _unreadable_parquet(source, err) from None
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise DataError(source.name, "header", missing[0], f"column not found; the file has {names}")
+    columns = list(dict.fromkeys(required))
     row = 0
-    try:
-        for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(required))):
-            batch.validate(full=True)
-            for text in _row_texts(batch, np.arange(batch.num_rows), list(dict.fromkeys(required))):
-                row += 1
-                yield f"row {row}", text
-    except (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError) as err:
-        raise _unreadable_parquet(source, err) from None
+    for batch in _parquet_batches(source, _open_parquet(source, columns), columns):
+        for text in _row_texts(batch, np.arange(batch.num_rows), columns):
+            row += 1
+            yield f"row {row}", text
     if row == 0:
         raise DataError(source.name, "", "*", "the file has no rows")
 
@@ -527,9 +534,8 @@ def _parquet_rows_announced(sources: list[SourceFile]) -> int | None:
     if any(source.kind != "parquet" for source in sources):
         return None
     try:
-        return sum(pq.ParquetFile(source.path if source.is_local else source.fs.open(source.path, "rb")).metadata.num_rows
-                   for source in sources)
-    except (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError):
+        return sum(_parquet_file(source).metadata.num_rows for source in sources)
+    except PARQUET_DAMAGE:
         return None
 
 

@@ -79,6 +79,12 @@ def open_text(path: Path, encoding: str = "utf-8", newline: str | None = "") -> 
         raise _decoding_error(path, "utf-8" if codec == "utf-8-sig" else encoding) from None
 
 
+# How pyarrow reports a damaged Parquet file: ArrowInvalid, OSError (a footer it cannot
+# deserialize), NotImplementedError (an encoding or type it does not know), MemoryError (a
+# length field that asks for terabytes).
+PARQUET_DAMAGE = (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError)
+
+
 def read_parquet(path: Path) -> pa.Table:
     """The whole Parquet file `path`, fully validated (offsets, and UTF-8 in string columns,
     which pyarrow does not check on read). A file that is not Parquet, or is damaged, is a
@@ -88,7 +94,7 @@ def read_parquet(path: Path) -> pa.Table:
     try:
         table = pq.read_table(path)
         table.validate(full=True)
-    except (pa.ArrowException, OSError, ValueError, NotImplementedError, MemoryError) as err:
+    except PARQUET_DAMAGE as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise DataError(path.name, "", "*", f"not a readable Parquet file ({reason[:300]})") from None
     return table
