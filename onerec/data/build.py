@@ -83,10 +83,6 @@ class SortedInteractions(Mapping):
         values, lookup = self._sources[name]
         return values[rows] if lookup is None else lookup[values[rows]]
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.rows)
-
     def batches(self, size: int = 1 << 22):
         """{column: array} for consecutive slices of at most `size` rows."""
         for start in range(0, len(self.rows), size):

@@ -101,7 +101,7 @@ def location_of(option: str, root: str) -> str:
         return option
     if is_url(root):
         return root.rstrip("/") + "/" + option
-    return posixpath.join(root, option) if "\\" not in root else f"{root}/{option}"
+    return posixpath.join(root, option)
 
 
 def _kind_and_codec(path: str, default_kind: str) -> tuple[str, str | None]:

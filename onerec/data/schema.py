@@ -46,10 +46,6 @@ class Ids:
     def __len__(self) -> int:
         return len(self.codes)
 
-    def tolist(self) -> list[str]:
-        """Row by row, as strings (for tests and small data only)."""
-        return [self.values[c] for c in self.codes.tolist()]
-
 
 class Locator(Protocol):
     """Where row `row` of a RawLog came from: (file, line or row number, noun), the noun
