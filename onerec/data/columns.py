@@ -12,18 +12,19 @@ id once.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from onerec.data.readers import FLOAT32_MAX
 
-# Python's str.strip() removes these (str.isspace); RE2's \s is ASCII only, so list them.
-_PY_WHITESPACE = "".join(f"\\x{{{c:x}}}" for c in range(sys.maxunicode + 1) if chr(c).isspace())
-_EDGE_WHITESPACE = f"^[{_PY_WHITESPACE}]|[{_PY_WHITESPACE}]$"
-_ALL_WHITESPACE = f"^[{_PY_WHITESPACE}]*$"
+# What Python's str.strip() removes (every c with str.isspace(), as RE2 escapes; RE2's \s is
+# ASCII only). tests/unit/test_data_sources.py checks the list against str.isspace.
+PYTHON_WHITESPACE = (
+    r"\x{9}-\x{d}\x{1c}-\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+)
+_EDGE_WHITESPACE = f"^[{PYTHON_WHITESPACE}]|[{PYTHON_WHITESPACE}]$"
+_ALL_WHITESPACE = f"^[{PYTHON_WHITESPACE}]*$"
 _PLAIN_INTEGER = r"^-?[0-9]{1,18}$"  # fits int64 whatever the digits
 _PLAIN_DECIMAL = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$"
 

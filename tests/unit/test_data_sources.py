@@ -292,3 +292,17 @@ def test_id_dictionary_keeps_integers_as_numbers_until_an_id_is_not_one():
     assert other[2] == first[1] and len({*first.tolist(), *other.tolist()}) == 5
     assert sorted(ids.tolist()) == sorted(["30", "7", "-2", "07", "+7"])
     assert ids.codes(pa.array([30], type=pa.int64())).tolist() == [first[0]]  # after the switch to text
+
+
+def test_the_whitespace_class_is_what_str_strip_removes():
+    """Every code point (surrogates cannot be UTF-8): RE2 matches it as whitespace exactly when
+    Python's str.isspace() says so, so the columnar id stripping equals str.strip()."""
+    import sys
+
+    import pyarrow.compute as pc
+
+    points = [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
+    text = pa.array([chr(c) for c in points])
+    matched = pc.match_substring_regex(text, f"^[{columns.PYTHON_WHITESPACE}]$").to_numpy(zero_copy_only=False)
+    expected = np.array([chr(c).isspace() for c in points])
+    assert (matched == expected).all(), [hex(points[i]) for i in np.flatnonzero(matched != expected)][:10]
