@@ -8,7 +8,8 @@ machine, and the sbatch scripts are submitted with sbatch:
   warning itself (`scancel --signal=USR1 --batch`: what `#SBATCH --signal=B:USR1@120` makes
   Slurm send), since a real time limit is at least a minute and Slurm sends the warning up to
   a minute early; and it cuts the ~2 minutes Slurm holds a requeued job before it may start
-  again (`scontrol update StartTime=now`).
+  again (`scontrol update StartTime=now+3`: not `now`, since slurmd refuses a launch whose
+  credential is dated no later than the second the job's last start was revoked).
 
 Without Slurm the tests are skipped, unless CI=1/true or ONEREC_REQUIRE_SLURM=1 is set (as
 .ci/run does after installing it): then a missing Slurm is a failure, never a silent pass.
@@ -182,8 +183,10 @@ def test_a_pipeline_job_warned_before_its_time_limit_is_requeued_and_ends_like_a
         fields = _wait_until_requeued(job_id, env, 120)
         stop_s = time.monotonic() - signal_sent
         assert fields["Requeue"] == "1"  # #SBATCH --requeue
-        # Slurm holds a requeued job for ~2 minutes; let it start again now.
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
+        # Slurm holds a requeued job for ~2 minutes (its credential lifetime); let it start in 3 s.
+        # Starting it at once can fail: slurmd revokes the job's credential when it stops, and a
+        # new credential made within that same second counts as revoked ("Job credential revoked").
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=env, check=True, timeout=30)
         state = _wait_for_job(job_id, env, JOB_TIMEOUT_S)
         cluster_log = tmp_path / "cluster" / "log"
         assert state == "COMPLETED", (f"job {job_id}: {state} {_job_fields(job_id, env)}\n{tail(job_log)}\n"
