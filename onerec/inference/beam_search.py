@@ -59,6 +59,7 @@ def estimate_beam_search_bytes(
     trie: Trie,
     session_len: int = 1,
     excluded_per_request: int = 0,
+    cached: bool = False,
 ) -> int:
     """The peak bytes a search of `requests` x `beam_width` beams allocates, roughly: within
     about 25% of the peak measured on CPU for the OneRec model (dense and MoE, S 5..100,
@@ -74,6 +75,11 @@ def estimate_beam_search_bytes(
     leaf-versus-excluded comparison of the last level (Bd x X bytes). The encoder runs once
     per request: (S + 1) x (1.5 F + 8 D + H (S + 1)) per request. A model without a `cfg`
     (ModelConfig) is sized from the trie's codebook only.
+
+    cached (the KV-cached decoder): the memory is not repeated per beam, and each step runs
+    the decoder over 1 new position (2 where a session's item ends); per beam row instead, each decoder layer's
+    self-attention keys and values over P positions, twice (the reorder copies them), and per
+    request each layer's cross-attention keys and values, 2 x (S + 1) x D.
     """
     cfg = getattr(model, "cfg", None)
     D = getattr(cfg, "d_model", 0)
@@ -84,9 +90,16 @@ def estimate_beam_search_bytes(
     S1, L, C = history_len + 1, trie.depth, max(trie.codebook_sizes)
     P = session_len * (L + 1) - 1
     Bd = trie.level_child_tokens[-1].shape[1] if trie.level_child_tokens else 0
-    per_beam = 3 * S1 * D * 4 + P * (1.5 * F * ffn_copies + 8 * D + 3 * H * S1) * 4 + 4 * C * 4
-    per_beam += excluded_per_request * (8 + Bd)
+    activations = 1.5 * F * ffn_copies + 8 * D + 3 * H * S1  # per decoder position
     per_request = S1 * (1.5 * F + 8 * D + H * S1) * 4
+    if cached:
+        layers = getattr(cfg, "decoder_layers", 1)
+        new_positions = 2 if session_len > 1 else 1
+        per_beam = layers * 2 * 2 * P * D * 4 + new_positions * activations * 4 + 4 * C * 4
+        per_request += layers * 2 * S1 * D * 4
+    else:
+        per_beam = 3 * S1 * D * 4 + P * activations * 4 + 4 * C * 4
+    per_beam += excluded_per_request * (8 + Bd)
     return int(requests * beam_width * per_beam + requests * per_request)
 
 
@@ -158,11 +171,12 @@ def check_beam_search_memory(
     session_len: int = 1,
     excluded_per_request: int = 0,
     settings: str = DEFAULT_SETTINGS,
+    cached: bool = False,
 ) -> None:
     """ResourceError when the search's estimated peak (estimate_beam_search_bytes) exceeds the
     memory left on `device`; the message gives both and tells the user to lower `settings`."""
     needed = estimate_beam_search_bytes(
-        model, requests, beam_width, history_len, trie, session_len, excluded_per_request
+        model, requests, beam_width, history_len, trie, session_len, excluded_per_request, cached
     )
     available = available_memory(device)
     if available is None or needed <= available:
@@ -196,6 +210,42 @@ def model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device
     return fallback
 
 
+def _caches(model, use_cache: bool) -> bool:
+    """Whether a search with `use_cache` will decode through the model's KV cache."""
+    return use_cache and hasattr(model, "start_decoding")
+
+
+class BeamDecoder:
+    """The decoder's logits for every beam row at each step, with or without a KV cache.
+
+    Cached (the model's start_decoding / decode_next, when use_cache and the model has them):
+    the encoder states stay one row per request and each step feeds only the new decoder
+    positions; after a beam step, `follow` reorders the cached keys/values by parent. Without
+    the cache (use_cache=False, or a model with decode_step only, such as the tests' scripted
+    models): every step recomputes the decoder over the whole prefix, with the encoder
+    states repeated per beam at the first fan-out.
+    """
+
+    def __init__(self, model, memory, use_cache: bool) -> None:
+        self.model = model
+        self.memory = memory
+        self.cache = model.start_decoding(memory) if _caches(model, use_cache) else None
+        self.rows_per_request = 1
+
+    def logits(self, generated_NT: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return self.model.decode_next(self.cache, generated_NT)
+        return self.model.decode_step(self.memory, generated_NT)
+
+    def follow(self, parents_N: torch.Tensor, beam_width: int) -> None:
+        """The rows after a beam step: row n continues row parents_N[n]."""
+        if self.cache is not None:
+            self.cache.reorder(parents_N)
+        elif self.rows_per_request == 1:
+            self.memory = self.memory.repeat_beams(beam_width)
+        self.rows_per_request = beam_width
+
+
 @torch.inference_mode()
 def constrained_beam_search(
     model,
@@ -206,6 +256,7 @@ def constrained_beam_search(
     history_items_BS: torch.Tensor | None = None,
     exclude_items_BX: torch.Tensor | None = None,
     settings: str = DEFAULT_SETTINGS,
+    use_cache: bool = True,
 ) -> BeamSearchOutput:
     """Top-`beam_width` items per request by beam search restricted to the trie.
 
@@ -218,8 +269,9 @@ def constrained_beam_search(
     tensors, its memory is estimated: ResourceError when it would not fit, telling the user
     to lower `settings` (e.g. "eval.batch_size (256) or eval.beam_width (100000)").
 
-    Runs on the model's device, in whatever train/eval mode the caller left the model
-    (call `model.eval()` first for deterministic results).
+    use_cache=False recomputes the decoder over the whole prefix at every step (the
+    reference path; see BeamDecoder). Runs on the model's device, in whatever train/eval mode
+    the caller left the model (call `model.eval()` first for deterministic results).
     """
     if beam_width < 1:
         raise ValueError(f"beam_width={beam_width}: expected >= 1")
@@ -232,7 +284,9 @@ def constrained_beam_search(
     # Never more beams than items: the extra ones would be dead at every step.
     B, W, L = history_codes_BSL.shape[0], min(beam_width, max(1, num_leaves(trie))), trie.depth
     excluded = 0 if exclude_items_BX is None else exclude_items_BX.shape[-1]
-    check_beam_search_memory(model, B, W, history_codes_BSL.shape[1], trie, device, 1, excluded, settings)
+    check_beam_search_memory(
+        model, B, W, history_codes_BSL.shape[1], trie, device, 1, excluded, settings, cached=_caches(model, use_cache)
+    )
     trie = trie.to(device)
     history_codes_BSL = history_codes_BSL.to(device)
     user_B = None if user_B is None else user_B.to(device)
@@ -242,15 +296,15 @@ def constrained_beam_search(
     excluded_rows = None if exclude_items_BX is None else exclude_items_BX.to(device)  # [rows, X]
 
     # The first step reads one row per request (its root) and fans out to W beams; from then
-    # on every request has W rows, and the encoder states are repeated to match.
-    memory = model.encode(history_codes_BSL, user_B, history_items_BS)
+    # on every request has W rows.
+    decoder = BeamDecoder(model, model.encode(history_codes_BSL, user_B, history_items_BS), use_cache)
     rows_per_request = 1
     scores_N = torch.zeros(B, device=device)
     states_N = torch.zeros(B, dtype=torch.long, device=device)
     generated_NT = torch.zeros(B, 0, dtype=torch.long, device=device)
     for depth in range(L):
         # Dead beams carry -1 tokens; feed them as code 0 (their logits are never used).
-        logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
+        logits_NC = decoder.logits(generated_NT.clamp(min=0))
         local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
         if excluded_rows is not None and depth == L - 1:
             logits_NC, scores_N = _mask_excluded_leaves(
@@ -260,8 +314,8 @@ def constrained_beam_search(
             logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W, rows_per_request=rows_per_request
         )
         generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
+        decoder.follow(parents_N, W)
         if rows_per_request == 1:
-            memory = memory.repeat_beams(W)
             excluded_rows = None if excluded_rows is None else excluded_rows.repeat_interleave(W, dim=0)
             rows_per_request = W
 
@@ -329,6 +383,7 @@ def generate_sessions(
     user_B: torch.Tensor | None = None,
     history_items_BS: torch.Tensor | None = None,
     settings: str = DEFAULT_SETTINGS,
+    use_cache: bool = True,
 ) -> SessionSearchOutput:
     """The `num_sessions` best M-item sessions per request, code by code, every item a real one.
 
@@ -353,11 +408,13 @@ def generate_sessions(
     W = min(num_sessions, max(1, num_leaves(trie)) ** session_len)
     B, L, M = history_codes_BSL.shape[0], trie.depth, session_len
     N = B * W
-    check_beam_search_memory(model, B, W, history_codes_BSL.shape[1], trie, device, M, 0, settings)
+    check_beam_search_memory(
+        model, B, W, history_codes_BSL.shape[1], trie, device, M, 0, settings, cached=_caches(model, use_cache)
+    )
     trie = trie.to(device)
     user_B = None if user_B is None else user_B.to(device)
     history_items_BS = None if history_items_BS is None else history_items_BS.to(device)
-    memory = model.encode(history_codes_BSL.to(device), user_B, history_items_BS)
+    decoder = BeamDecoder(model, model.encode(history_codes_BSL.to(device), user_B, history_items_BS), use_cache)
 
     # As in constrained_beam_search: one row per request until the first step fans out to W.
     rows_per_request = 1
@@ -367,15 +424,15 @@ def generate_sessions(
     items_NM = torch.full((B, M), -1, dtype=torch.long, device=device)
     for m in range(M):
         for depth in range(L):
-            logits_NC = model.decode_step(memory, generated_NT.clamp(min=0))
+            logits_NC = decoder.logits(generated_NT.clamp(min=0))
             local_states_N, child_tokens, child_nodes = trie.step_tables(depth, states_N)
             tokens_N, parents_N, scores_N, states_N = constrained_beam_step(
                 logits_NC, scores_N, local_states_N, child_tokens, child_nodes, W, rows_per_request=rows_per_request
             )
             generated_NT = torch.cat([generated_NT[parents_N], tokens_N.unsqueeze(1)], dim=1)
             items_NM = items_NM[parents_N]
-            if rows_per_request == 1:
-                memory, rows_per_request = memory.repeat_beams(W), W
+            decoder.follow(parents_N, W)
+            rows_per_request = W
         live_N = states_N >= 0
         items_NM[:, m] = torch.where(live_N, trie.node_item[states_N.clamp(min=0)], -1)
         states_N = torch.where(live_N, torch.zeros_like(states_N), states_N)  # next item starts at the root

@@ -2,7 +2,8 @@
 
 Shape legend: B batch, S history length, M session items, L code levels (dedup level
 included), C codebook size (C_max over levels), D model dim, P decoder positions
-(M * (L + 1)), T generated codes so far.
+(M * (L + 1)), T generated codes so far, N beam rows (B requests x W beams), Q decoder
+positions fed in one cached step (1, or 2 where an item ends: its last code and the next BOS).
 
 Encoder input (memory), one vector per history item, right-aligned:
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from onerec.config import ModelConfig
-from onerec.model.layers import DecoderLayer, EncoderLayer, FeedForward
+from onerec.model.layers import DecoderLayer, EncoderLayer, FeedForward, LayerCache
 from onerec.model.moe import MoEFeedForward
 
 
@@ -44,6 +45,27 @@ class EncoderMemory:
         return EncoderMemory(
             self.states_BSD.repeat_interleave(beam_width, dim=0), self.pad_BS.repeat_interleave(beam_width, dim=0)
         )
+
+
+@dataclass
+class DecoderCache:
+    """The state of an incremental decode (OneRecModel.start_decoding / decode_next).
+
+    Rows: B (one per request) until the first beam step fans out to N = B * W beam rows, rows
+    b*W .. b*W+W-1 being request b's. Why a reorder by index_select rather than a paged
+    layout: a session is at most M * (L + 1) positions (4 to ~20), so copying the per-row
+    cache by parent at each step costs about what one decoder step does, and needs neither
+    page tables nor a custom attention kernel.
+    """
+
+    layers: list[LayerCache]
+    memory_allowed_B11S: torch.Tensor  # False at the memory's padding
+    positions: int = 0  # decoder positions already in the cache
+
+    def reorder(self, parents_N: torch.Tensor) -> None:
+        """After a beam step: row n continues row parents_N[n] (a global row index)."""
+        for layer in self.layers:
+            layer.reorder(parents_N)
 
 
 @dataclass
@@ -231,8 +253,8 @@ class OneRecModel(nn.Module):
     def decode_step(self, memory: EncoderMemory, generated_BT: torch.Tensor) -> torch.Tensor:
         """Logits [B, C_max] for code number T (item T // L, level T % L) given the T codes so far.
 
-        Recomputes the decoder over the whole prefix (no KV cache): the same math as forward(),
-        so the logits match it exactly; a cache is a later optimisation.
+        Recomputes the decoder over the whole prefix: the same math as forward(), so the logits
+        match it exactly. The reference for the cached path (start_decoding / decode_next).
         """
         if generated_BT.dim() != 2 or generated_BT.shape[0] != memory.states_BSD.shape[0]:
             raise ValueError(
@@ -252,3 +274,40 @@ class OneRecModel(nn.Module):
         table_CD = self.code_emb.weight.view(L, self.c_max, -1)[level]
         logits_BC = hidden_BPD[:, -1] @ table_CD.T
         return logits_BC.float().masked_fill(~self.code_mask_LC[level], float("-inf"))
+
+    # ---------------------------------------------------------------- cached decoding
+    def start_decoding(self, memory: EncoderMemory) -> DecoderCache:
+        """An empty decoder cache over `memory` (one row per request; never repeated per beam)."""
+        return DecoderCache(
+            [layer.start_cache(memory.states_BSD) for layer in self.decoder_layers],
+            (~memory.pad_BS)[:, None, None, :],
+        )
+
+    def decode_next(self, cache: DecoderCache, generated_NT: torch.Tensor) -> torch.Tensor:
+        """decode_step's logits [N, C_max], feeding the decoder only the positions the cache
+        does not hold yet; the caller keeps the cache's rows aligned with generated_NT's
+        (cache.reorder after each beam step)."""
+        N, T = generated_NT.shape
+        L = self.num_levels
+        item, level = divmod(T, L)
+        if item >= self.session_len:
+            raise ValueError(f"cannot decode item {item + 1}: the model was built for {self.session_len}-item sessions")
+        last = item * (L + 1) + level  # the position whose output predicts code T
+        if last < cache.positions:
+            raise ValueError(f"the cache already holds {cache.positions} positions; code {T} needs position {last}")
+        new_vectors = []
+        for position in range(cache.positions, last + 1):
+            m, j = divmod(position, L + 1)  # j == 0: item m's BOS, else its code j - 1
+            if j == 0:
+                new_vectors.append(self.bos_emb.expand(N, -1))
+            else:
+                new_vectors.append(self.code_emb(generated_NT[:, m * L + j - 1] + (j - 1) * self.c_max))
+        positions_Q = torch.arange(cache.positions, last + 1, device=generated_NT.device)
+        x_NQD = self.dropout(torch.stack(new_vectors, dim=1) + self.decoder_pos_emb(positions_Q))
+        for layer, layer_cache in zip(self.decoder_layers, cache.layers):
+            x_NQD = layer.decode_cached(x_NQD, layer_cache, cache.memory_allowed_B11S)
+        cache.positions = last + 1
+        hidden_ND = self.decoder_norm(x_NQD[:, -1])
+        table_CD = self.code_emb.weight.view(L, self.c_max, -1)[level]
+        logits_NC = hidden_ND @ table_CD.T
+        return logits_NC.float().masked_fill(~self.code_mask_LC[level], float("-inf"))

@@ -228,7 +228,7 @@ def test_a_beam_search_that_would_not_fit_is_refused_before_it_allocates(monkeyp
     assert "64 request(s) x 300 beams" in message  # one beam per item at most
     assert "but only 64 MiB is available" in message
     assert "lower eval.batch_size (64) or eval.beam_width (100000)" in message
-    needed = estimate_beam_search_bytes(model, 64, 300, 6, trie)
+    needed = estimate_beam_search_bytes(model, 64, 300, 6, trie, cached=True)  # evaluation decodes with the cache
     assert needed > 64 * 2**20 and f"needs about {needed / 2**20:.0f} MiB of CPU memory" in message
 
 
@@ -239,6 +239,9 @@ def test_the_memory_check_passes_what_fits_and_scales_with_batch_and_beam(monkey
     assert estimate_beam_search_bytes(model, 8, 10, 6, trie) == pytest.approx(2 * small, abs=2)
     assert estimate_beam_search_bytes(model, 4, 20, 6, trie) > 1.8 * small  # the encoder's share stays
     assert estimate_beam_search_bytes(model, 4, 10, 6, trie, session_len=2) > small
+    # The KV cache keeps the memory one row per request: less per beam than repeating it.
+    cached = estimate_beam_search_bytes(model, 4, 10, 6, trie, cached=True)
+    assert cached < small and estimate_beam_search_bytes(model, 8, 10, 6, trie, cached=True) > 1.8 * cached
     check_beam_search_memory(model, 4, 10, 6, trie, torch.device("cpu"))  # the real machine: fits
     monkeypatch.setattr(beam_search, "available_memory", lambda device: small - 1)
     with pytest.raises(ResourceError, match="lower the number of requests per call"):
