@@ -119,9 +119,9 @@ def test_recommend_can_leave_out_the_history(pipeline_run):
     exported = load_export(pipeline_run / "pretrain/export")
     n = len(exported.raw_ids)
     plain = recommend(exported, ["i3"], top_k=n, beam_width=n, exclude_history=False)
-    history = [r.raw_id for r in plain[:3]]  # the model's own favourites after i3, as history
+    history = [r.item_id for r in plain[:3]]  # the model's own favourites after i3, as history
     kept = recommend(exported, ["i3", *history], top_k=5, beam_width=10, exclude_history=True)
-    assert len(kept) == 5 and not {r.raw_id for r in kept} & {"i3", *history}
+    assert len(kept) == 5 and not {r.item_id for r in kept} & {"i3", *history}
 
 
 def test_recommend_rejects_unknown_items(pipeline_run, capsys):

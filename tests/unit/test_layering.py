@@ -1,6 +1,7 @@
 """Library packages import only downward (DESIGN.md): data < tokenizer < model < train /
-inference < align, and no library module imports a stage module or the CLI. Read from the
-source with ast, so a new upward import fails here rather than in a newcomer's head."""
+inference < align, inference < serve, and no library module imports a stage module or the
+CLI. Read from the source with ast, so a new upward import fails here rather than in a
+newcomer's head."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ ONEREC = Path(__file__).resolve().parents[2] / "onerec"
 
 # package -> onerec packages it must never import (higher layers).
 FORBIDDEN = {
-    "data": {"tokenizer", "model", "train", "inference", "align", "baselines", "export", "report"},
-    "tokenizer": {"model", "train", "inference", "align", "baselines", "export", "report"},
-    "model": {"data", "tokenizer", "train", "inference", "align", "baselines", "report"},
-    "train": {"tokenizer", "inference", "align", "baselines", "export", "report"},
-    "inference": {"train", "align", "baselines", "report"},
-    "baselines": {"train", "align", "report"},
-    "align": {"baselines", "report"},
+    "data": {"tokenizer", "model", "train", "inference", "align", "baselines", "export", "report", "serve"},
+    "tokenizer": {"model", "train", "inference", "align", "baselines", "export", "report", "serve"},
+    "model": {"data", "tokenizer", "train", "inference", "align", "baselines", "report", "serve"},
+    "train": {"tokenizer", "inference", "align", "baselines", "export", "report", "serve"},
+    "inference": {"train", "align", "baselines", "report", "serve"},
+    "baselines": {"train", "align", "report", "serve"},
+    "align": {"baselines", "report", "serve"},
+    # serve answers requests through inference; it trains nothing.
+    "serve": {"train", "align", "baselines", "report"},
     # report reads any stage's output with that stage's loader: it sits above the libraries.
     "report": set(),
 }
