@@ -26,7 +26,7 @@ import textwrap
 from pathlib import Path
 
 # Colours by role, the same in every figure: ours, our baselines, published rows.
-OURS, BASELINE, BASELINE_2, PUBLISHED = "#1f77b4", "#ff7f0e", "#2ca02c", "#9e9e9e"
+OURS, BASELINE, BASELINE_2, BASELINE_3, PUBLISHED = "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#9e9e9e"
 CAPTION_WIDTH = 130  # characters per caption line at the figure widths used here
 QUALITY_METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
@@ -129,7 +129,10 @@ def quality_figure(result: dict, path: Path) -> Path:
     plt = _pyplot()
     measured = [
         ("popularity (ours)", result["popularity"]["test"], BASELINE_2),
-        ("SASRec (ours, CE)", result["sasrec"]["test"], BASELINE),
+        *[(label, result[key]["test"], colour) for key, label, colour in (
+            ("sasrec", "SASRec (ours, CE)", BASELINE),
+            ("sasrec_pp", "SASRec++ (ours, CE + crop/shuffle)", BASELINE_3),
+        ) if key in result],
         ("OneRec (ours)", result["ours"]["test"], OURS),
     ]
     published = list(result.get("published", {}).items())
@@ -175,7 +178,7 @@ def quality_figure(result: dict, path: Path) -> Path:
         )
     else:
         bars_note = "No error bars: the number of test users is neither recorded in the json nor recoverable from it."
-    published_note = "Published rows (hatched): as printed in their papers, no error bars." if published else ""
+    published_note = "Published rows (hatched): as printed in their sources, no error bars." if published else ""
     _caption(fig, result, bars_note, published_note)
     return _save(fig, path)
 
@@ -536,6 +539,47 @@ def ipa_sampling_figure(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def inference_figure(result: dict, path: Path) -> Path:
+    """bench/inference.py: requests/s per system at each batch and beam (log scale), one panel
+    per catalogue, with the ratio over transformers' T5 above each of our bars."""
+    plt = _pyplot()
+    catalogues = result["catalogues"]
+    names = {"ours": "ours (KV cache)", "ours_nocache": "ours, no cache", "t5": "transformers T5"}
+    colors = {"ours": OURS, "ours_nocache": "#9ecae1", "t5": "#bdbdbd"}
+    fig, axes = plt.subplots(1, len(catalogues), figsize=(6.2 * len(catalogues), 4.4), squeeze=False)
+    for ax, (name, catalogue) in zip(axes[0], catalogues.items()):
+        cells = catalogue["cells"]
+        settings = sorted({(c["batch"], c["beam"]) for c in cells})
+        systems = [s for s in names if any(c["system"] == s for c in cells)]
+        width = 0.8 / len(systems)
+        for i, system in enumerate(systems):
+            by_setting = {(c["batch"], c["beam"]): c for c in cells if c["system"] == system}
+            xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(settings))]
+            values = [by_setting[s]["requests_per_s"] if s in by_setting else 0.0 for s in settings]
+            bars = ax.bar(xs, values, width, label=names[system], color=colors[system])
+            for bar, setting in zip(bars, settings):
+                t5 = next((c for c in cells if c["system"] == "t5" and (c["batch"], c["beam"]) == setting), None)
+                if system != "t5" and t5 and setting in by_setting:
+                    ratio = by_setting[setting]["requests_per_s"] / t5["requests_per_s"]
+                    ax.annotate(f"{ratio:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(settings)), [f"batch {b}\nbeam {w}" for b, w in settings])
+        ax.set_ylabel("requests per second (top-10 each)")
+        ax.set_title(f"{name}: {catalogue['items']:,} items")
+        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    split = result.get("test_split") or {}
+    notes = [f"Above our bars: requests/s over T5's. Torch threads: {result.get('threads')}."]
+    if split.get("ours"):
+        notes.append(f"Beauty's test split ({split['users']:,} users, beam {split['beam']}) decoded in "
+                     f"{split['ours']['seconds']:.1f} s with the KV cache"
+                     + (f", {split['ours_nocache']['seconds']:.1f} s without." if split.get("ours_nocache") else "."))
+    _caption(fig, result, *notes)
+    return _save(fig, path)
+
+
 FIGURES = {
     "quality": quality_figure,
     "kernels": kernels_figure,
@@ -547,6 +591,7 @@ FIGURES = {
     "kmeans_scale": kmeans_scale_figure,
     "scale": scale_figure,
     "ipa_sampling": ipa_sampling_figure,
+    "inference": inference_figure,
 }
 
 

@@ -77,6 +77,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import accelerator_name, device_slug  # noqa: E402  (same folder)
+from figures import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -775,8 +776,9 @@ def main(argv=None) -> dict:
         synthetic = build_synthetic(args, device, cfg, real_lengths)
         report["catalogues"]["synthetic1m"] = bench_catalogue(synthetic, args, device, args.systems, cache)
     text = write()
+    save_figure(report, stem.with_suffix(".json"))
     print(text)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}", file=sys.stderr)
+    print(f"wrote {stem.with_suffix('.json')}, .md and .png", file=sys.stderr)
     return report
 
 

@@ -109,6 +109,14 @@ SAMPLES = {
             for n in (10**5, 10**6, 10**7)
         ],
     },
+    "inference": {
+        **RUN, "threads": 2,
+        "catalogues": {"tiny": {"items": 150, "cells": [
+            {"system": system, "batch": batch, "beam": 20, "requests_per_s": rate * batch}
+            for system, rate in (("ours", 60.0), ("ours_nocache", 40.0), ("t5", 30.0)) for batch in (1, 64)
+        ]}},
+        "test_split": {"users": 500, "beam": 20, "ours": {"seconds": 1.5}, "ours_nocache": {"seconds": 6.0}},
+    },
     "ipa_sampling": {
         **RUN, "users": 48, "num_samples": 128, "model": "a small test model", "note": "a sample",
         "rows": [{"ranks": 1, "ep": 1, "sessions_per_s": 818.0}, {"ranks": 2, "ep": 1, "sessions_per_s": 1533.0},
