@@ -14,8 +14,11 @@ beam width when that is smaller). An empty history is valid (onerec/inference/re
 Errors are JSON {"error": "message"}, and the server keeps serving after each:
 - 400 a body that is not JSON; 422 a body of the wrong shape (pydantic: field names and
   types), an unknown item id, k out of range, a history over max_history_items;
+- 413 a body over max_body_bytes (limits.py), refused before it is read whole;
 - 500 a search that failed for this request (batcher.py retries a failed batch one request
   at a time, so one bad request does not fail the others);
+- 503 with Retry-After when max_queued requests are already waiting (the request is not
+  queued; in /recommend/batch, an "error" entry for each request refused);
 - /recommend/batch answers 200 with an "error" entry for each request that cannot be
   answered, as a request file does.
 """
@@ -34,11 +37,15 @@ from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from onerec.inference.recommend import Recommendation, Recommender, Request
-from onerec.serve.batcher import BatchError, Batcher
+from onerec.serve.batcher import BatchError, Batcher, Overloaded
+from onerec.serve.limits import BodySizeLimit
 
 DEFAULT_K = 10
 # Requests in one /recommend/batch body: more is a 422 (send several bodies).
 MAX_BATCH_REQUESTS = 1024
+# Defaults of the load limits (onerec serve --max-queued, --max-body-bytes).
+DEFAULT_MAX_QUEUED = 1024
+DEFAULT_MAX_BODY_BYTES = 1 << 20
 # Fields described in one error message; the rest are counted.
 SHOWN_ERRORS = 5
 
@@ -127,12 +134,17 @@ def create_app(
     beam_width: Optional[int] = None,
     max_batch_size: int = 64,
     max_wait_ms: float = 5.0,
+    max_queued: int = DEFAULT_MAX_QUEUED,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The app answering from `recommender` (loaded once, by the caller). beam_width: beams
     per request (None: the recommender's, else the export's eval.beam_width); k may be
-    1..beam_width."""
+    1..beam_width. max_queued: requests waiting at once before new ones get 503 (0: no
+    limit); max_body_bytes: the largest request body (413 beyond)."""
     width = beam_width or recommender.beam_width or recommender.exported.cfg.eval.beam_width
-    batcher: Batcher[Request, list[Recommendation]] = Batcher(recommender.run, max_batch_size, max_wait_ms / 1000)
+    batcher: Batcher[Request, list[Recommendation]] = Batcher(
+        recommender.run, max_batch_size, max_wait_ms / 1000, max_queued
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -143,6 +155,7 @@ def create_app(
             await batcher.stop()
 
     app = FastAPI(title="onerec", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 
     def prepare(body: RecommendBody, where: str) -> Request:
         """The checked request; ValueError or TypeError naming `where` and the field."""
@@ -180,6 +193,9 @@ def create_app(
             "exclude_history": recommender.exclude_history,
             "max_batch_size": batcher.max_batch_size,
             "max_wait_ms": batcher.max_wait_s * 1000,
+            "max_queued": batcher.max_queued,
+            "max_body_bytes": max_body_bytes,
+            "queued": batcher.queued,  # requests waiting for a search now
             "searches": batcher.batches,  # beam searches run so far (fewer than requests when batched)
         }
 
@@ -191,6 +207,9 @@ def create_app(
             return JSONResponse({"id": body.id, "error": str(err)}, status_code=422)
         try:
             return answer(body, await batcher.submit(request))
+        except Overloaded as err:
+            return JSONResponse({"id": body.id, "error": f"server busy: {err}; retry later"}, status_code=503,
+                                headers={"Retry-After": "1"})
         except BatchError as err:
             return JSONResponse({"id": body.id, "error": f"the search failed: {err}"}, status_code=500)
 
@@ -208,6 +227,8 @@ def create_app(
                 return {"id": parsed.id, "error": str(err)}
             try:
                 return answer(parsed, await batcher.submit(request))
+            except Overloaded as err:
+                return {"id": parsed.id, "error": f"{where}: server busy: {err}; retry later"}
             except BatchError as err:
                 return {"id": parsed.id, "error": f"{where}: the search failed: {err}"}
 

@@ -30,6 +30,10 @@ class BatchError(RuntimeError):
     """A request's search failed; the message says why."""
 
 
+class Overloaded(BatchError):
+    """The queue is full: the request was refused without waiting (the server answers 503)."""
+
+
 @dataclass
 class _Waiting(Generic[RequestT]):
     request: RequestT
@@ -48,16 +52,26 @@ class Batcher(Generic[RequestT, AnswerT]):
         run_batch: Callable[[Sequence[RequestT]], list[AnswerT]],
         max_batch_size: int = 64,
         max_wait_s: float = 0.005,
+        max_queued: int = 0,
     ) -> None:
-        if max_batch_size < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_wait_s={max_wait_s} >= 0")
+        if max_batch_size < 1 or max_wait_s < 0 or max_queued < 0:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1, max_wait_s={max_wait_s} >= 0 "
+                             f"and max_queued={max_queued} >= 0")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        # Requests allowed to wait at once (0: no limit): past it a request is refused at once
+        # (Overloaded), so a server behind on its work sheds load instead of queueing without end.
+        self.max_queued = max_queued
         self.batches = 0  # searches run, for logs and tests
         self._waiting: deque[_Waiting] = deque()
         self._arrived: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a search now."""
+        return len(self._waiting)
 
     async def start(self) -> None:
         self._arrived = asyncio.Event()
@@ -78,6 +92,8 @@ class Batcher(Generic[RequestT, AnswerT]):
     async def submit(self, request: RequestT) -> AnswerT:
         if self._arrived is None or self._worker is None or self._worker.done():
             raise BatchError("the batching worker is not running")
+        if self.max_queued and len(self._waiting) >= self.max_queued:
+            raise Overloaded(f"{len(self._waiting)} requests are already waiting (--max-queued {self.max_queued})")
         loop = asyncio.get_running_loop()
         waiting = _Waiting(request, loop.create_future(), loop.time())
         self._waiting.append(waiting)

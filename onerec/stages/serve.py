@@ -13,7 +13,13 @@ most GRACEFUL_SHUTDOWN_S) and exits 0.
 from __future__ import annotations
 
 import argparse
-from onerec.stages.recommend import add_device_argument, add_history_limit_argument, at_least_one, bounded_int
+from onerec.stages.recommend import (
+    add_device_argument,
+    add_history_limit_argument,
+    at_least_one,
+    at_least_zero,
+    bounded_int,
+)
 
 # Seconds a stopping server waits for the requests in flight.
 GRACEFUL_SHUTDOWN_S = 10
@@ -43,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a request waits for others to share its search (0: never)")
     parser.add_argument("--beam-width", type=at_least_one, default=None,
                         help="beams per request (default: the export's eval.beam_width); k may be 1..beam width")
+    parser.add_argument("--max-queued", type=at_least_zero, default=None, metavar="N",
+                        help="requests waiting at once before new ones get 503 (default 1024; 0: no limit)")
+    parser.add_argument("--max-body-bytes", type=at_least_one, default=None, metavar="BYTES",
+                        help="largest request body; larger ones get 413 (default 1 MiB)")
     add_history_limit_argument(parser)
     add_device_argument(parser)
 
@@ -60,12 +70,14 @@ def main(args: argparse.Namespace) -> None:
         from onerec.device import resolve_device
         from onerec.export import load_export
         from onerec.inference.recommend import Recommender, history_limit
-        from onerec.serve.app import create_app
+        from onerec.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED, create_app
 
         exported = load_export(Path(args.model), resolve_device(args.device, setting="--device"))
         limit = history_limit(args.max_history_items, exported.cfg.data.max_history)
         recommender = Recommender(exported, args.beam_width, args.max_batch_size, limit, source=args.model)
-        app = create_app(recommender, args.beam_width, args.max_batch_size, args.max_wait_ms)
+        max_queued = DEFAULT_MAX_QUEUED if args.max_queued is None else args.max_queued
+        max_body = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
+        app = create_app(recommender, args.beam_width, args.max_batch_size, args.max_wait_ms, max_queued, max_body)
     except BaseException:
         sock.close()
         raise

@@ -5,6 +5,7 @@ search fails (500), and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -192,6 +193,47 @@ def test_http_level_mistakes_are_json_errors_too(server):
     status, answer = call(server, "/recommend", raw=b"[" * 100_000)  # deeper than the JSON parser goes
     assert 400 <= status < 500 and answer["error"]
     assert call(server, "/health")[1]["status"] == "ok"
+
+
+def test_a_body_over_the_limit_is_a_413_whether_its_length_is_declared_or_not(server):
+    status, answer = call(server, "/recommend", raw=b" " * (2 << 20))  # Content-Length: 2 MiB
+    assert status == 413 and "over the server's limit of 1,048,576 bytes (--max-body-bytes)" in answer["error"]
+    # Chunked: no length up front; refused once the bytes pass the limit.
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", "/recommend", body=iter([b" " * (256 << 10)] * 8),
+                           headers={"Content-Type": "application/json"}, encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413 and "over the server's limit" in json.loads(response.read())["error"]
+    except (BrokenPipeError, ConnectionResetError):
+        pytest.fail("the server dropped the connection instead of answering 413")
+    finally:
+        connection.close()
+    assert call(server, "/health")[1]["status"] == "ok" and call(server, "/recommend", BODIES[0])[0] == 200
+
+
+def test_a_full_queue_answers_503_at_once_and_keeps_serving(export_dir, tmp_path):
+    """--max-queued 1: while one request waits (up to --max-wait-ms) for others to share its
+    search, the next is refused with 503 and Retry-After instead of queueing."""
+    process, url = start_server(export_dir, tmp_path / "server.log", "--max-queued", "1", "--max-wait-ms", "3000")
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first = pool.submit(call, url, "/recommend", BODIES[0])
+            deadline = time.monotonic() + 30
+            while call(url, "/health")[1]["queued"] < 1:  # the first request waits for company
+                assert time.monotonic() < deadline and not first.done(), "the first request was never queued"
+                time.sleep(0.02)
+            request = urllib.request.Request(url + "/recommend", data=json.dumps(BODIES[4]).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+            assert "server busy: 1 requests are already waiting (--max-queued 1)" in json.loads(refused.value.read())["error"]
+            assert first.result()[0] == 200
+        assert call(url, "/recommend", BODIES[4])[0] == 200
+    finally:
+        assert stop(process) == 0
 
 
 def test_a_failing_search_fails_only_its_request_with_a_500(recommender):

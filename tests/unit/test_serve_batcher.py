@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from onerec.serve.batcher import BatchError, Batcher
+from onerec.serve.batcher import BatchError, Batcher, Overloaded
 
 
 class Model:
@@ -85,3 +85,11 @@ def test_settings_are_checked_and_a_stopped_batcher_refuses_requests():
             await batcher.submit(1)
 
     asyncio.run(go())
+
+
+def test_a_full_queue_refuses_new_requests_at_once():
+    """max_queued=2: two requests wait for their shared search, the third is refused without
+    waiting (the server's 503), and the two are still answered."""
+    answers = _serve(Model(), [1, 2, 3], max_batch_size=64, max_wait_s=0.2, max_queued=2)
+    assert answers[:2] == [2, 4]
+    assert isinstance(answers[2], Overloaded) and "2 requests are already waiting (--max-queued 2)" in str(answers[2])
