@@ -12,14 +12,16 @@ an empty history. Blank lines are skipped (no output line).
 
 A line that cannot be answered (not JSON, a wrong type, an unknown item id, k above the beam
 width) becomes {"id": ..., "error": "FILE:LINE: field: what is wrong"} in its place, and the
-other lines are still answered: one bad request in a million does not cost the rest. The
+other lines are still answered: one bad request in a million does not cost the rest. So does
+a request whose search fails alone (a failed batch is retried one request at a time). The
 caller (onerec/stages/recommend.py) then reports the failures and exits nonzero; in strict
-mode it stops at the first bad line before writing anything.
+mode it stops at the first bad line before writing anything, and at the first failed search.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -29,6 +31,8 @@ from typing import Any, Iterator, Optional, TextIO
 
 from onerec.errors import DataError
 from onerec.inference.recommend import Recommender, Request
+
+log = logging.getLogger("onerec.recommend")
 
 FIELDS = ("id", "history", "user_id", "k", "exclude_history")
 JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -44,6 +48,7 @@ class Line:
     id: Any = None
     request: Optional[Request] = None
     error: Optional[str] = None
+    where: str = ""  # FILE:LINE, for the messages about this line
 
 
 def source_name(path: str) -> str:
@@ -77,7 +82,7 @@ def parse_line(text: str, number: int, source: str, recommender: Recommender, k:
         kind = JSON_TYPES.get(type(fields), type(fields).__name__)
         return Line(number, error=f"{where}: a JSON {kind}, expected an object such as "
                                   '{"history": ["ITEM", ...], "user_id": 7, "id": "r1"}')
-    line = Line(number, id=fields.get("id"))
+    line = Line(number, id=fields.get("id"), where=where)
     unknown = [name for name in fields if name not in FIELDS]
     if unknown:
         line.error = f"{where}: unknown field(s) {', '.join(map(repr, unknown))}: expected {', '.join(FIELDS)}"
@@ -109,18 +114,45 @@ def json_line(record: dict) -> str:
     return text + "\n"
 
 
-def answer_lines(recommender: Recommender, lines: list[Line], out: TextIO, progress=None) -> None:
+def answer_lines(recommender: Recommender, lines: list[Line], out: TextIO, progress=None, strict: bool = False) -> int:
     """Write one output line per Line, in order, searching `recommender.batch_size` requests
-    at a time; `progress` (a tqdm bar or None) advances by the requests answered."""
+    at a time; `progress` (a tqdm bar or None) advances by the requests answered.
+
+    A search that fails (not enough memory for the batch, a model error) is retried one
+    request at a time, as the server does, so only the requests that fail alone get an
+    error line ("the search failed: ..."); strict: the first such request is a DataError
+    naming its line instead.
+    Returns the number of requests whose search failed."""
     pending: list[Line] = []
+    failed = 0
+
+    def search(requests: list) -> list:
+        """Answers in order, or for a failed request the exception it raised alone."""
+        try:
+            return recommender.run(requests)
+        except Exception as err:  # noqa: BLE001 - any failure of the search stays inside this batch
+            if len(requests) == 1:
+                return [err]
+            log.warning("a search of %d requests failed (%s: %s): retrying them one by one",
+                        len(requests), type(err).__name__, err)
+            return [search([request])[0] for request in requests]
 
     def flush() -> None:
-        answers = iter(recommender.run([line.request for line in pending if line.request is not None]))
+        nonlocal failed
+        answers = iter(search([line.request for line in pending if line.request is not None]))
         for line in pending:
             if line.request is None:
                 record = {"id": line.id, "error": line.error}
             else:
-                record = {"id": line.id, "items": [item.to_dict() for item in next(answers)]}
+                answer = next(answers)
+                if isinstance(answer, Exception):
+                    failed += 1
+                    message = f"{line.where}: the search failed: {type(answer).__name__}: {answer}"
+                    if strict:
+                        raise DataError(f"{message} (--strict: nothing was written)") from answer
+                    record = {"id": line.id, "error": message}
+                else:
+                    record = {"id": line.id, "items": [item.to_dict() for item in answer]}
             out.write(json_line(record))
         if progress is not None:
             progress.update(sum(line.request is not None for line in pending))
@@ -134,6 +166,7 @@ def answer_lines(recommender: Recommender, lines: list[Line], out: TextIO, progr
             flush()
             waiting = 0
     flush()
+    return failed
 
 
 @contextmanager

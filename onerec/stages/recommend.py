@@ -144,12 +144,14 @@ def _request_file(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(lines) - len(bad), desc="recommend", unit=" requests", file=sys.stderr,
                disable=progress_disabled(), dynamic_ncols=True)
     with bar, output_stream(output) as out:
-        answer_lines(recommender, lines, out, bar)
-    log.info("answered %d of %d request(s) from %s -> %s", len(lines) - len(bad), len(lines), source,
+        failed = answer_lines(recommender, lines, out, bar, strict=args.strict)
+    unanswered = len(bad) + failed
+    log.info("answered %d of %d request(s) from %s -> %s", len(lines) - unanswered, len(lines), source,
              "<stdout>" if output == STDIO else output)
-    if bad:
+    if unanswered:
+        first = f"; the first bad line: {bad[0].error}" if bad else ""
         raise DataError(
-            f"{len(bad)} of {len(lines)} request(s) in {source} could not be answered (their output lines hold an "
-            f'"error" instead of "items"); the first: {bad[0].error}'
+            f"{unanswered} of {len(lines)} request(s) in {source} could not be answered ({len(bad)} bad line(s), "
+            f'{failed} failed search(es); their output lines hold an "error" instead of "items"){first}'
         )
     return len(lines)

@@ -101,7 +101,34 @@ def test_bad_lines_become_error_lines_and_exit_2_with_a_summary(export_dir, expe
         assert re.search(message, answer["error"]), (answer["error"], message)
     err = capsys.readouterr().err
     assert f"{len(BAD)} of {len(BAD) + 2} request(s) in {requests} could not be answered" in err
-    assert "the first: " + str(requests) + ":2: not a JSON object" in err
+    assert "the first bad line: " + str(requests) + ":2: not a JSON object" in err
+
+
+def test_a_failed_search_fails_only_its_line(export_dir, expected, tmp_path, capsys, monkeypatch):
+    """A search that raises for one request (as a model error or a memory shortage would):
+    its batch is retried one request at a time, so only that line gets an error; --strict
+    stops instead, naming the line, with nothing written."""
+    original = Recommender.run
+
+    def run(self, requests):
+        if any(self._index_of[ID[11]] in request.items for request in requests):
+            raise RuntimeError("the model fell over")
+        return original(self, requests)
+
+    monkeypatch.setattr(Recommender, "run", run)
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+    _write(requests, [GOOD[0], {"id": "poison", "history": [ID[11]]}, GOOD[1]])
+    assert _run(export_dir, "--input", str(requests), "--output", str(out)) == 2
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    _check_items(answers[0]["items"], expected[0])
+    assert answers[1] == {"id": "poison", "error": f"{requests}:2: the search failed: RuntimeError: the model fell over"}
+    _check_items(answers[2]["items"], expected[1])
+    assert "1 of 3 request(s) in " + str(requests) + " could not be answered (0 bad line(s), 1 failed search(es)" in (
+        capsys.readouterr().err)
+    out.unlink()
+    assert _run(export_dir, "--input", str(requests), "--output", str(out), "--strict") == 2
+    assert not out.exists()
+    assert f"{requests}:2: the search failed: RuntimeError: the model fell over (--strict" in capsys.readouterr().err
 
 
 def test_strict_stops_at_the_first_bad_line_before_writing(export_dir, tmp_path, capsys):
