@@ -9,7 +9,8 @@
 #                     (every visible GPU; on one GPU ep=2 is skipped and the json says so)
 #   pretrain          `onerec pretrain` on Beauty, 1 GPU, GPU_CHECK_PRETRAIN_STEPS (600) steps
 #                     -> gpu_pretrain_<device>.json: validation NDCG@10 / Recall@10, tokens/s
-#   inference         bench/inference.py --device cuda, when that script exists
+#   inference         bench/inference.py --device cuda on the pretrain part's export
+#                     -> inference_<device>.{json,md,png}
 #
 # then a summary table (also gpu_check_<device>.md). <device> is the slug the bench scripts use
 # (h100, h200, ...). Each part runs under its own timeout, shortened so that the parts together
@@ -127,9 +128,18 @@ part_inference() {
     fi
     if [[ $DRY == 1 ]]; then
         "$PY" bench/inference.py --help >/dev/null
-    else
-        "$PY" bench/inference.py --device cuda
+        return
     fi
+    # The pretrain part's export (the Beauty model, GPU_CHECK_PRETRAIN_STEPS steps): Beauty cells
+    # and its test split only, short cells, to fit the cap. transformers' T5 runs when the
+    # machine has transformers (it is not among the carried wheels); the json says which ran.
+    local export=$WORK/beauty/pretrain/export
+    if [[ ! -f $export/model.safetensors ]]; then
+        echo "skipped: no export at $export (the pretrain part did not finish)"
+        return 1
+    fi
+    "$PY" bench/inference.py --device cuda --export "$export" --data-dir "$WORK/beauty/data" \
+        --catalogues beauty --seconds-per-cell 3 --repetitions 100 --out "$RESULTS"
 }
 
 part_setup() {

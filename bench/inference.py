@@ -734,7 +734,13 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    import transformers
+    try:
+        import transformers
+    except ImportError:  # e.g. a GPU machine given only the carried wheels: our systems alone
+        transformers = None
+        if "t5" in args.systems:
+            print("transformers is not installed: the t5 system is skipped", file=sys.stderr)
+            args.systems = [system for system in args.systems if system != "t5"]
 
     cache = has_use_cache()
     name = accelerator_name(device.type == "cuda")
@@ -744,7 +750,7 @@ def main(argv=None) -> dict:
         "device": name, "device_type": device.type, "device_slug": device_slug(device, name),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", os.path.relpath(Path(__file__).resolve(), Path.cwd()), *argv]),
-        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__ if transformers else "not installed", "threads": torch.get_num_threads(),
         "kv_cache_available": cache,
         "settings": {k: getattr(args, k) for k in ("catalogues", "systems", "batches", "beams", "seconds_per_cell",
                                                      "repetitions", "min_batches", "warmup", "pool", "seed", "quick",
