@@ -3,9 +3,10 @@
     python bench/quality.py --config configs/beauty/pipeline.yaml --name beauty \
         [--published bench/published/amazon2014_beauty.json] [--tokenizer-report] [key=value ...]
 
-Runs `onerec pipeline` (data -> tokenize -> pretrain -> evaluate) and the SASRec baseline on
-the same data and split (when the config builds its semantic IDs from SASRec's item vectors,
-the pipeline has trained that baseline already and its result is reused), then writes
+Runs `onerec pipeline` (data -> tokenize -> pretrain -> evaluate) and the baseline stage on
+the same data and split: SASRec, and SASRec++ beside it with `sasrec_pp.enabled=true` (when
+the pipeline runs the baseline stage itself, because the config builds its semantic IDs from
+SASRec's item vectors or enables SASRec++, its results are reused), then writes
 bench/results/quality_<name>.{json,md} and prints the table. Hyperparameters come from the
 config, which is chosen on validation only; the test split is scored once, by the evaluate
 stage and by the baseline, at the end. The figure (bench/results/quality_<name>.png) has error
@@ -36,6 +37,9 @@ from devices import accelerator_name, processor_name  # noqa: E402  (same folder
 from figures import save_figure  # noqa: E402
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+# Baseline models (config section = key in the result) and their rows in the table.
+BASELINE_ROWS = {"sasrec": "SASRec (ours, CE)", "sasrec_pp": "SASRec++ (ours, CE + crop/shuffle)"}
+BASELINE_NAMES = {"sasrec": "SASRec", "sasrec_pp": "SASRec++"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -104,27 +108,35 @@ def markdown(result: dict) -> str:
     def row(name: str, values: dict, source: str) -> None:
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + f" | {source} |")
 
+    sources = result.get("published_sources", {})
     for name, values in result["published"].items():
-        row(name, values, "published")
+        row(name, values, sources.get(name, "published"))
     if result.get("target"):
         row(f"target ({result['target_label']})", result["target"], "published x factor")
     row("popularity (ours)", result["popularity"]["test"], "measured")
-    row("SASRec (ours, CE)", result["sasrec"]["test"], "measured")
+    baselines = [(key, label) for key, label in BASELINE_ROWS.items() if key in result]
+    for key, label in baselines:
+        row(label, result[key]["test"], "measured")
     row("OneRec (ours)", result["ours"]["test"], "measured")
+    baseline_minutes = "".join(
+        f", {BASELINE_NAMES[key]} {result['seconds'][key] / 60:.1f} min" for key, _ in baselines
+    )
     out = [
         f"## Quality on {result['name']} (test split)",
         "",
         f"Command: `{result['command']}`  ",
         f"Date: {result['date']}; device: {result['device']}; wall time: pipeline "
-        f"{result['seconds']['pipeline'] / 60:.1f} min, SASRec {result['seconds']['sasrec'] / 60:.1f} min"
-        + (" (part of the pipeline's time)." if result.get("sasrec_in_pipeline") else "."),
+        f"{result['seconds']['pipeline'] / 60:.1f} min{baseline_minutes}"
+        + (" (part of the pipeline's time)." if baselines and result.get("sasrec_in_pipeline") else "."),
         "",
         *lines,
         "",
         "Validation (selection split): OneRec "
         + ", ".join(f"{m} {result['ours']['valid'][m]:.4f}" for m in METRICS)
-        + "; SASRec "
-        + ", ".join(f"{m} {result['sasrec']['valid'][m]:.4f}" for m in METRICS),
+        + "".join(
+            f"; {BASELINE_NAMES[key]} " + ", ".join(f"{m} {result[key]['valid'][m]:.4f}" for m in METRICS)
+            for key, _ in baselines
+        ),
     ]
     if result.get("target_met") is not None:
         out += ["", "Target met: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in result["target_met"].items())]
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides)
     paths = RunPaths.of(cfg.run.out_dir)
 
-    from onerec.stages.baseline import main as sasrec_main
+    from onerec.stages import BY_NAME
+    from onerec.stages.baseline import main as baseline_main
     from onerec.stages.pipeline import main as pipeline_main
 
     started = time.perf_counter()
@@ -182,28 +195,32 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         metrics = pipeline_main(cfg)
     pipeline_seconds = args.pipeline_seconds or metrics.get("wall_seconds", time.perf_counter() - started)
-    sasrec_in_pipeline = cfg.tokenizer.needs_sasrec and (paths.sasrec / "metrics.json").is_file()
+    baseline_files = {name: paths.baselines / name / "metrics.json" for name in cfg.enabled_baselines}
+    sasrec_in_pipeline = bool(
+        baseline_files and BY_NAME["baseline"].in_pipeline(cfg) and all(f.is_file() for f in baseline_files.values())
+    )
     if sasrec_in_pipeline:
-        # The pipeline trained it before tokenize (its item embeddings feed the semantic IDs).
-        sasrec = json.loads((paths.sasrec / "metrics.json").read_text())
+        # The pipeline ran the baseline stage (before tokenize, which may read SASRec's item vectors).
+        baselines = {name: json.loads(f.read_text()) for name, f in baseline_files.items()}
     else:
-        sasrec = sasrec_main(cfg)
+        baselines = baseline_main(cfg) if baseline_files else {}
 
-    published, target, target_label = {}, None, None
+    published, sources, target, target_label = {}, {}, None, None
     if args.published:
         spec = json.loads(Path(args.published).read_text())
-        published = spec["rows"]
+        published, sources = spec["rows"], spec.get("sources", {})
         if "target" in spec:
             target_label = f"{spec['target']['row']} x {spec['target']['factor']}"
             target = {m: published[spec["target"]["row"]][m] * spec["target"]["factor"] for m in METRICS}
     result = {
         **run_record("quality.py", args.name, argv, cfg),
         "ours": {"valid": metrics["valid"], "test": metrics["test"]},
-        "sasrec": {k: sasrec[k] for k in ("valid", "test", "best_epoch", "epochs_run")},
+        **{name: {k: b[k] for k in ("valid", "test", "best_epoch", "epochs_run")} for name, b in baselines.items()},
         "popularity": metrics["baselines"]["popularity"],
         "test_users": count_test_users(cfg),
         "published": published,
-        "seconds": {"pipeline": pipeline_seconds, "sasrec": sasrec["wall_seconds"]},
+        "published_sources": sources,
+        "seconds": {"pipeline": pipeline_seconds, **{name: b["wall_seconds"] for name, b in baselines.items()}},
         "sasrec_in_pipeline": sasrec_in_pipeline,
         "semantic_ids": metrics.get("semantic_ids", {}),
     }

@@ -36,7 +36,7 @@ import io
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -370,8 +370,15 @@ class EvalConfig:
 
 @dataclass
 class SASRecConfig:
-    """The SASRec baseline (Kang & McAuley 2018) trained with cross-entropy over the full catalogue."""
+    """The SASRec baseline (Kang & McAuley 2018) trained with cross-entropy over the full catalogue.
 
+    The same class configures each baseline model `onerec baseline` trains: `sasrec` (this
+    class's defaults) and `sasrec_pp` (SASRecPPConfig: SASRec++'s defaults), each written to
+    <out>/baselines/<section>/."""
+
+    SECTION: ClassVar[str] = "sasrec"  # the config key, also the output folder under <out>/baselines
+
+    enabled: bool = True  # trained by `onerec baseline` (and so by `onerec pipeline` whenever that runs it)
     d_model: int = ranged(64, min=1)  # and a multiple of num_heads
     num_heads: int = ranged(2, min=1)
     layers: int = ranged(2, min=1)
@@ -383,10 +390,61 @@ class SASRecConfig:
     weight_decay: float = ranged(0.0, min=0.0)
     max_epochs: int = ranged(60, min=1)
     patience: int = ranged(5, min=0)  # epochs without a better validation NDCG@10 before stopping; 0 disables
+    # History length the model reads (its positions). 0: data.max_history, the harness's own
+    # histories. Another value builds this baseline's own train/valid/test histories of that
+    # length from the same split: the same users and targets, only the histories are longer
+    # (or shorter) than the generative model's.
+    max_len: int = ranged(0, min=0)
+    # Sequence augmentation (CL4SRec's item crop and reorder), 0 = off. Drawn afresh every epoch
+    # from each user's whole training part, not only its last max_len + 1 items; validation and
+    # test inputs are never augmented. Reproducible: the draws come from a generator seeded with
+    # run.seed.
+    # crop_prob: share of training rows cropped each epoch to a random contiguous window of
+    # crop_ratio x the user's training part (eta; at least 2 items, so a pair remains).
+    crop_prob: float = ranged(0.0, min=0.0, max=1.0)
+    crop_ratio: float = ranged(0.6, above=0.0, max=1.0)
+    # shuffle_prob: share of training rows in which, after the crop, a random contiguous window of
+    # shuffle_ratio x the row's items is put in a random order (beta; a window under 2 items
+    # leaves the row as it is).
+    shuffle_prob: float = ranged(0.0, min=0.0, max=1.0)
+    shuffle_ratio: float = ranged(0.3, above=0.0, max=1.0)
 
     def __post_init__(self) -> None:
-        check_ranges("sasrec", self)
-        _check_divisible("sasrec", self.d_model, self.num_heads)
+        check_ranges(self.SECTION, self)
+        _check_divisible(self.SECTION, self.d_model, self.num_heads)
+
+    @property
+    def augments(self) -> bool:
+        """Whether training rows are augmented (otherwise they are the same every epoch)."""
+        return self.crop_prob > 0 or self.shuffle_prob > 0
+
+
+def _redefault(cls: type, name: str, default: Any) -> Any:
+    """The field `name` of dataclass `cls` with another default and the same declared range."""
+    return field(default=default, metadata=cls.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class SASRecPPConfig(SASRecConfig):
+    """SASRec++ (arXiv 2508.14910): SASRec with full-catalogue cross-entropy, random crop and
+    shuffle of the training sequences, a small model, strong dropout, long histories and long
+    training. Off by default (it is slower than `sasrec`); the tokenizer never reads it."""
+
+    SECTION: ClassVar[str] = "sasrec_pp"
+
+    enabled: bool = False
+    d_model: int = _redefault(SASRecConfig, "d_model", 32)
+    dropout: float = _redefault(SASRecConfig, "dropout", 0.4)
+    max_epochs: int = _redefault(SASRecConfig, "max_epochs", 300)
+    patience: int = _redefault(SASRecConfig, "patience", 30)
+    max_len: int = _redefault(SASRecConfig, "max_len", 50)
+    crop_prob: float = _redefault(SASRecConfig, "crop_prob", 0.5)
+    shuffle_prob: float = _redefault(SASRecConfig, "shuffle_prob", 0.5)
+
+
+# The baseline models `onerec baseline` can train, in the order it trains them: each is a
+# config section (a SASRecConfig) and the folder <out>/baselines/<name>.
+BASELINE_MODELS = ("sasrec", "sasrec_pp")
 
 
 @dataclass
@@ -516,10 +574,16 @@ class RootConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    sasrec_pp: SASRecPPConfig = field(default_factory=SASRecPPConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def enabled_baselines(self) -> tuple[str, ...]:
+        """The baseline models (config sections) `onerec baseline` trains, in order."""
+        return tuple(name for name in BASELINE_MODELS if getattr(self, name).enabled)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RootConfig:

@@ -43,6 +43,15 @@ LEGACY_OUTPUT = "legacy"  # output_id of an output written before records existe
 # Config keys that never change what a stage computes.
 IGNORED_KEYS = ("run.out_dir", "run.device", "train.resume", "data.cache_dir")
 IGNORED_SECTIONS = ("logging",)
+# Keys added after records were first written, at the value that computes what older versions
+# did: left out of the fingerprint at that value, so a record written before the key existed
+# stays fresh. Any other value counts like every key.
+NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "sasrec.enabled": True, "sasrec.max_len": 0, "sasrec.crop_prob": 0.0, "sasrec.crop_ratio": 0.6,
+    "sasrec.shuffle_prob": 0.0, "sasrec.shuffle_ratio": 0.3,
+}
+# Sections that change nothing while their switch is off: their keys count only when it is on.
+SWITCHED_SECTIONS = {"sasrec_pp": "enabled"}
 MAX_RAW_FILES = 10_000  # a data.root with more files is fingerprinted by its first 10,000 names
 
 
@@ -89,6 +98,9 @@ def config_subset(config: dict, sections: tuple[str, ...]) -> dict[str, Any]:
             flat[prefix] = value
 
     for section in sections:
+        switch = SWITCHED_SECTIONS.get(section)
+        if switch is not None and not config.get(section, {}).get(switch, False):
+            continue
         value: Any = config
         for part in section.split("."):
             value = value[part]
@@ -96,6 +108,7 @@ def config_subset(config: dict, sections: tuple[str, ...]) -> dict[str, Any]:
     return {
         key: value for key, value in sorted(flat.items())
         if key not in IGNORED_KEYS and key.split(".")[0] not in IGNORED_SECTIONS
+        and not (key in NEUTRAL_DEFAULTS and value == NEUTRAL_DEFAULTS[key])
     }
 
 

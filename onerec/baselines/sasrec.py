@@ -76,11 +76,63 @@ def training_sequences(offsets: np.ndarray, items: np.ndarray, train_len: np.nda
     """One row per user with >= 2 training items: the last max_len + 1 items of their training
     part, right-aligned with -1 padding, [U', max_len + 1]. Inputs are row[:-1], targets row[1:]."""
     keep = np.flatnonzero(train_len >= 2)
-    width = max_len + 1
-    ends = offsets[keep] + train_len[keep]
-    pos = ends[:, None] - width + np.arange(width)[None, :]
-    valid = pos >= offsets[keep][:, None]
-    return np.where(valid, items[np.where(valid, pos, 0)], -1).astype(np.int64)
+    return _window_rows(items, offsets[keep], offsets[keep] + train_len[keep], max_len + 1)
+
+
+def _window_rows(items: np.ndarray, starts_U: np.ndarray, ends_U: np.ndarray, width: int) -> np.ndarray:
+    """[U, width] int64: the last `width` items of items[start:end] per row, right-aligned, -1 on the left."""
+    pos_UW = ends_U[:, None] - width + np.arange(width)[None, :]
+    valid_UW = pos_UW >= starts_U[:, None]
+    return np.where(valid_UW, items[np.where(valid_UW, pos_UW, 0)], -1).astype(np.int64)
+
+
+def augmented_sequences(
+    offsets: np.ndarray,
+    items: np.ndarray,
+    train_len: np.ndarray,
+    max_len: int,
+    rng: np.random.Generator,
+    crop_prob: float = 0.0,
+    crop_ratio: float = 0.6,
+    shuffle_prob: float = 0.0,
+    shuffle_ratio: float = 0.3,
+) -> np.ndarray:
+    """The rows of `training_sequences` (the same users, in the same order, the same layout),
+    drawn afresh with CL4SRec's item crop and reorder; one call per epoch.
+
+    Per user with n >= 2 training items, independently:
+      crop (probability crop_prob): keep a random contiguous window of L = max(2, floor(crop_ratio
+          x n)) of the n items (at most n), every start equally likely;
+      then the last max_len + 1 items of what is left form the row (m of them);
+      shuffle (probability shuffle_prob): a random contiguous window of w = floor(shuffle_ratio
+          x m) of the row's items is permuted at random (nothing changes when w < 2).
+    Every row keeps >= 2 real items. The draws have fixed shapes, so a generator seeded alike
+    gives the same rows. Vectorised over users: O(U x max_len) per call."""
+    keep = np.flatnonzero(train_len >= 2)
+    U, width = len(keep), max_len + 1
+    starts_U = offsets[keep].astype(np.int64)
+    n_U = train_len[keep].astype(np.int64)
+    ends_U = starts_U + n_U
+    if crop_prob > 0:
+        cropped_U = rng.random(U) < crop_prob
+        length_U = np.minimum(np.maximum(np.floor(crop_ratio * n_U).astype(np.int64), 2), n_U)
+        shift_U = np.floor(rng.random(U) * (n_U - length_U + 1)).astype(np.int64)  # 0 .. n - L
+        starts_U = np.where(cropped_U, starts_U + shift_U, starts_U)
+        ends_U = np.where(cropped_U, starts_U + length_U, ends_U)
+    rows_UW = _window_rows(items, starts_U, ends_U, width)
+    if shuffle_prob > 0:
+        m_U = np.minimum(ends_U - starts_U, width)  # real items in the row, in its last m columns
+        w_U = np.floor(shuffle_ratio * m_U).astype(np.int64)
+        shuffled_U = (rng.random(U) < shuffle_prob) & (w_U >= 2)
+        first_U = (width - m_U) + np.floor(rng.random(U) * (m_U - w_U + 1)).astype(np.int64)
+        noise_UW = rng.random((U, width))
+        # Sort keys: a column outside the window keeps its own index; a column inside the window
+        # [a, a + w) gets a random key in [a, a + w), so a stable sort permutes the window alone.
+        column_W = np.arange(width)
+        inside_UW = shuffled_U[:, None] & (column_W >= first_U[:, None]) & (column_W < (first_U + w_U)[:, None])
+        keys_UW = np.where(inside_UW, first_U[:, None] + noise_UW * w_U[:, None], column_W[None, :].astype(np.float64))
+        rows_UW = np.take_along_axis(rows_UW, np.argsort(keys_UW, axis=1, kind="stable"), axis=1)
+    return rows_UW
 
 
 def sequence_loss(model: SASRec, rows_BT: torch.Tensor) -> torch.Tensor:

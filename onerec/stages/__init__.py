@@ -6,7 +6,7 @@ through `onerec plan`, so the three never disagree.
     data -> [baseline] -> tokenize -> pretrain -> [reward] -> [dpo] -> evaluate
               |                                      |          |
               tokenizer.collaborative_source         reward.    align.enabled
-              names sasrec                           enabled
+              names sasrec, or sasrec_pp.enabled     enabled
 
 Before a stage runs, `run_stage` checks, in this order and before the stage module (torch,
 DeepSpeed, a process group) loads: the run directory is safe to write (onerec/run_dir.py),
@@ -30,9 +30,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
-from onerec.config import RootConfig, to_dict
+from onerec.config import ConfigError, RootConfig, to_dict
 from onerec.errors import StaleInputError
 from onerec.locks import stage_lock
 from onerec.paths import RunPaths
@@ -58,11 +58,29 @@ def _always(cfg: RootConfig) -> bool:
     return True
 
 
+def _check_sasrec_source(cfg: RootConfig) -> None:
+    """ConfigError when tokenize would read SASRec's item vectors that `onerec baseline` is told
+    not to train (they would be missing, or left over from another config)."""
+    if cfg.tokenizer.needs_sasrec and not cfg.sasrec.enabled:
+        raise ConfigError(
+            f"tokenizer.collaborative_source={cfg.tokenizer.collaborative_source} reads the item vectors of the "
+            "`sasrec` baseline, but sasrec.enabled=false: set sasrec.enabled=true, or use collaborative_source="
+            "cooccurrence"
+        )
+
+
 def _tokenize_inputs(cfg: RootConfig) -> list[Input]:
     inputs = [("data/meta.json", "data")]
     if cfg.tokenizer.needs_sasrec:
+        _check_sasrec_source(cfg)
         inputs.append(("baselines/sasrec/model.safetensors", "baseline"))
     return inputs
+
+
+def _baseline_done(cfg: RootConfig) -> str:
+    """The metrics.json of the last baseline model the stage trains (each is written when that
+    model is done, in order); `sasrec`'s when none is enabled."""
+    return f"baselines/{(cfg.enabled_baselines or ('sasrec',))[-1]}/metrics.json"
 
 
 def _evaluate_inputs(cfg: RootConfig) -> list[Input]:
@@ -79,8 +97,9 @@ class Stage:
     # Inputs that earlier stages write; checked before the stage starts (before any
     # distributed start-up), so a missing one is a message in a second, not after a minute.
     inputs: Callable[[RootConfig], list[Input]] = lambda cfg: []
-    # The file whose presence means the stage finished (stages write atomically).
-    done_marker: Optional[str] = None
+    # The file whose presence means the stage finished (stages write atomically); a function of
+    # the config where that depends on it.
+    done_marker: Union[str, Callable[[RootConfig], str], None] = None
     # Runs on every rank of a launcher (torchrun / deepspeed / srun): pretrain and reward
     # train data parallel, tokenize shards the items. launch/pipeline.sh starts these under its launcher;
     # `onerec pipeline` runs every stage in its one process, where a world of one does it all.
@@ -116,7 +135,10 @@ class Stage:
             )
 
     def done_path(self, cfg: RootConfig) -> Optional[Path]:
-        return None if self.done_marker is None else RunPaths.of(cfg.run.out_dir).root / self.done_marker
+        if self.done_marker is None:
+            return None
+        marker = self.done_marker(cfg) if callable(self.done_marker) else self.done_marker
+        return RunPaths.of(cfg.run.out_dir).root / marker
 
     def upstream(self, cfg: RootConfig) -> list[str]:
         """The stages whose output this one reads, in pipeline order."""
@@ -130,9 +152,10 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("data", "raw files -> validated, dense-id tables in <out>/data",
           done_marker="data/meta.json", in_pipeline=_always, config_sections=("data",)),
-    Stage("baseline", "SASRec on the same split -> <out>/baselines/sasrec (metrics, item vectors)",
-          inputs=lambda cfg: [("data/meta.json", "data")], done_marker="baselines/sasrec/metrics.json",
-          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec, config_sections=("data", "sasrec", "eval", "run.seed")),
+    Stage("baseline", "SASRec (+ SASRec++ when sasrec_pp.enabled) on the same split -> <out>/baselines/<model>",
+          inputs=lambda cfg: [("data/meta.json", "data")], done_marker=_baseline_done,
+          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec or cfg.sasrec_pp.enabled,
+          config_sections=("data", "sasrec", "sasrec_pp", "eval", "run.seed")),
     Stage("tokenize", "item embeddings -> semantic IDs + trie in <out>/semantic_ids",
           inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", distributed=True, in_pipeline=_always,
           config_sections=("data", "tokenizer", "run.seed")),
@@ -168,6 +191,7 @@ def pipeline_stages(cfg: RootConfig) -> list[Stage]:
     """The stages `onerec pipeline` runs for `cfg`, in order."""
     if cfg.align.enabled and not cfg.reward.enabled:
         raise ValueError("align.enabled needs the reward model: set reward.enabled=true as well")
+    _check_sasrec_source(cfg)
     return [stage for stage in STAGES if stage.in_pipeline is not None and stage.in_pipeline(cfg)]
 
 

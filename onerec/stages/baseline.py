@@ -1,66 +1,119 @@
-"""`onerec baseline`: SASRec trained and evaluated on the run's own data and split.
+"""`onerec baseline`: SASRec baselines trained and evaluated on the run's own data and split.
 
-It reads <out>/data (the `data` stage), trains on every user's training part, selects the
-epoch by validation NDCG@10 (early stopping), then scores the test split once with the
-best weights. Ranking is over the full catalogue, like the generative model's beam search,
-with nothing masked (history items may be recommended, as in the generative decode).
-Writes <out>/baselines/sasrec/{model.safetensors, metrics.json}; tokenize reads the item
-embeddings back when tokenizer.collaborative_source names sasrec.
+It trains every enabled baseline model (config.BASELINE_MODELS, in order): `sasrec` (on by
+default) and `sasrec_pp`, SASRec++ (off by default: `sasrec_pp.enabled=true`). Each reads
+<out>/data (the `data` stage), trains on every user's training part, selects the epoch by
+validation NDCG@10 (early stopping), then scores the test split once with the best weights.
+Ranking is over the full catalogue, like the generative model's beam search, with nothing
+masked unless eval.exclude_history (the same rule as the beam search).
+
+A model whose `max_len` is set reads histories of that length, built from the same split
+(the same validation and test users and targets as the harness, longer histories); with
+`crop_prob` / `shuffle_prob` its training rows are augmented afresh every epoch
+(onerec.baselines.sasrec.augmented_sequences).
+
+Writes <out>/baselines/<model>/{model.safetensors, metrics.json}; tokenize reads the item
+embeddings of `sasrec` (never of `sasrec_pp`) when tokenizer.collaborative_source names sasrec.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onerec.baselines.sasrec import WEIGHTS_FILE, SASRec, evaluate_sasrec, sequence_loss, training_sequences
+from onerec.baselines.sasrec import (
+    WEIGHTS_FILE,
+    SASRec,
+    augmented_sequences,
+    evaluate_sasrec,
+    sequence_loss,
+    training_sequences,
+)
 from onerec.checkpoint import save_weights
-from onerec.config import RootConfig, to_dict
+from onerec.config import BASELINE_MODELS, ConfigError, RootConfig, SASRecConfig, to_dict
 from onerec.data.prepared import load_prepared
-from onerec.data.splits import make_splits, training_lengths
+from onerec.data.splits import UserSequences, make_splits, training_lengths
 from onerec.device import resolve_device
 from onerec.logging import RunLogger, progress_disabled, write_json_atomic
 from onerec.paths import RunPaths
 
 log = logging.getLogger("onerec.baseline")
 
+LABELS = {"sasrec": "SASRec", "sasrec_pp": "SASRec++"}
 
-def main(cfg: RootConfig) -> dict:
-    started = time.perf_counter()
+
+def main(cfg: RootConfig) -> dict[str, dict]:
+    """Train every enabled baseline model; {model: what its metrics.json holds}."""
+    models = cfg.enabled_baselines
+    if not models:
+        raise ConfigError(
+            f"`onerec baseline` has nothing to train: enable one of {', '.join(f'{m}.enabled' for m in BASELINE_MODELS)}"
+        )
     paths = RunPaths.of(cfg.run.out_dir)
     device = resolve_device(cfg.run.device)
-    torch.manual_seed(cfg.run.seed)
     prepared = load_prepared(paths.require(paths.data, "data"))
-    seqs = prepared.sequences
-    splits = make_splits(seqs, cfg.data)
     num_items = len(prepared.items)
-    sc = cfg.sasrec
+    return {name: train_baseline(cfg, name, prepared.sequences, num_items, device) for name in models}
+
+
+def history_length(cfg: RootConfig, sc: SASRecConfig) -> int:
+    """The history length a baseline reads: its own max_len, else data.max_history."""
+    return sc.max_len or cfg.data.max_history
+
+
+def train_baseline(cfg: RootConfig, name: str, seqs: UserSequences, num_items: int, device) -> dict:
+    """Train, select and test the baseline model of config section `name`; writes its folder."""
+    started = time.perf_counter()
+    sc: SASRecConfig = getattr(cfg, name)
+    label = LABELS.get(name, name)
+    paths = RunPaths.of(cfg.run.out_dir)
+    torch.manual_seed(cfg.run.seed)  # each model starts from the same seed, whichever ran before it
+    max_len = history_length(cfg, sc)
+    data_cfg = cfg.data if max_len == cfg.data.max_history else dataclasses.replace(cfg.data, max_history=max_len)
+    splits = make_splits(seqs, data_cfg)
     ks = list(cfg.eval.ks)
 
-    rows = training_sequences(seqs.offsets, seqs.items, training_lengths(seqs, cfg.data), cfg.data.max_history)
+    train_len = training_lengths(seqs, data_cfg)
+    rows = training_sequences(seqs.offsets, seqs.items, train_len, max_len)
     rows_UT = torch.as_tensor(rows, device=device)
-    model = SASRec(sc, num_items, cfg.data.max_history).to(device)
+    model = SASRec(sc, num_items, max_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
     log.info(
-        "SASRec: %d training sequences, %d items, %.2fM parameters",
+        "%s: %d training sequences, %d items, history %d, %.2fM parameters%s",
+        label,
         len(rows),
         num_items,
+        max_len,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        f", crop {sc.crop_prob:g} x {sc.crop_ratio:g}, shuffle {sc.shuffle_prob:g} x {sc.shuffle_ratio:g}"
+        if sc.augments else "",
     )
     valid = splits["valid"]
     generator = torch.Generator().manual_seed(cfg.run.seed)
-    run_logger = RunLogger(cfg.logging, paths.root, "sasrec", to_dict(cfg))
+    # A generator of its own: the augmentation draws leave the batch order and dropout streams alone.
+    augment_rng = np.random.default_rng(cfg.run.seed)
+    run_logger = RunLogger(cfg.logging, paths.root, name, to_dict(cfg))
     best = {"epoch": 0, "ndcg@10": -1.0, "state": None, "valid": {}}
-    epochs_run = 0
+    epochs_run, augment_seconds = 0, 0.0
     try:
-        bar = tqdm(range(1, sc.max_epochs + 1), desc="sasrec", disable=progress_disabled(), dynamic_ncols=True)
+        bar = tqdm(range(1, sc.max_epochs + 1), desc=name, disable=progress_disabled(), dynamic_ncols=True)
         for epoch in bar:
             model.train()
-            order = torch.randperm(len(rows), generator=generator)
+            if sc.augments:
+                drawn = time.perf_counter()
+                rows_UT = torch.as_tensor(
+                    augmented_sequences(seqs.offsets, seqs.items, train_len, max_len, augment_rng,
+                                        sc.crop_prob, sc.crop_ratio, sc.shuffle_prob, sc.shuffle_ratio),
+                    device=device,
+                )
+                augment_seconds += time.perf_counter() - drawn
+            order = torch.randperm(len(rows_UT), generator=generator)
             total, batches = 0.0, 0
             for start in range(0, len(order), sc.batch_size):
                 loss = sequence_loss(model, rows_UT[order[start : start + sc.batch_size].to(device)])
@@ -75,7 +128,8 @@ def main(cfg: RootConfig) -> dict:
             if metrics["ndcg@10"] > best["ndcg@10"]:
                 best = {"epoch": epoch, "ndcg@10": metrics["ndcg@10"], "state": copy.deepcopy(model.state_dict()), "valid": metrics}
             elif sc.patience and epoch - best["epoch"] >= sc.patience:
-                log.info("early stop at epoch %d: best validation NDCG@10 %.4f at epoch %d", epoch, best["ndcg@10"], best["epoch"])
+                log.info("%s: early stop at epoch %d: best validation NDCG@10 %.4f at epoch %d",
+                         label, epoch, best["ndcg@10"], best["epoch"])
                 break
     finally:
         run_logger.close()
@@ -83,20 +137,23 @@ def main(cfg: RootConfig) -> dict:
     model.load_state_dict(best["state"])
     test = splits["test"]
     test_metrics = evaluate_sasrec(model, test.history, test.target[:, 0], ks, 1024, device, cfg.eval.exclude_history)
-    out_dir = paths.sasrec
+    out_dir = paths.baselines / name
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, out_dir / WEIGHTS_FILE)
     result = {
+        "model": name,
         "valid": best["valid"],
         "test": test_metrics,
         "best_epoch": best["epoch"],
         "epochs_run": epochs_run,
+        "history_len": max_len,
         "config": to_dict(sc),
         "device": str(device),
+        "augment_seconds": augment_seconds,
         "wall_seconds": time.perf_counter() - started,
     }
     write_json_atomic(out_dir / "metrics.json", result)
-    log.info("SASRec best epoch %d; valid %s; test %s", best["epoch"], _fmt(best["valid"]), _fmt(test_metrics))
+    log.info("%s best epoch %d; valid %s; test %s", label, best["epoch"], _fmt(best["valid"]), _fmt(test_metrics))
     return result
 
 

@@ -75,7 +75,7 @@ CROSS_RULES: dict[str, Callable[[Any], bool]] = {
     "model.moe.top_k": lambda v: v <= DEFAULTS.model.moe.num_experts,
     "model.moe.num_experts": lambda v: DEFAULTS.model.moe.top_k <= v,
 }
-for _section in ("model", "sasrec", "reward"):
+for _section in ("model", "sasrec", "sasrec_pp", "reward"):
     CROSS_RULES[f"{_section}.d_model"] = lambda v, s=_section: v % _other(f"{s}.num_heads") == 0
     CROSS_RULES[f"{_section}.num_heads"] = lambda v, s=_section: _other(f"{s}.d_model") % v == 0
 

@@ -96,7 +96,9 @@ def test_baseline_stage_writes_valid_and_test_metrics(tmp_path):
         ],
     )
     data_main(cfg)
-    result = baseline_main(cfg)
+    results = baseline_main(cfg)
+    assert list(results) == ["sasrec"]  # SASRec++ is off by default
+    result = results["sasrec"]
     saved = json.loads((tmp_path / "run" / "baselines" / "sasrec" / "metrics.json").read_text())
     assert saved["test"] == result["test"] and set(saved["test"]) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10"}
     # Sequences walk a 20-item cycle, so the next item is predictable: far above chance (10/20 at K=10 is 0.5).

@@ -141,7 +141,7 @@ def test_d_model_not_divisible_by_num_heads_names_both_and_why():
     with pytest.raises(ConfigError, match=r"sasrec\.d_model=10 is not divisible by sasrec\.num_heads=3"):
         load_config(None, ["sasrec.d_model=10", "sasrec.num_heads=3"])
     # 128 % -4 == 0: a negative head count passed the divisibility rule and failed in the model.
-    for section in ("model", "sasrec", "reward"):
+    for section in ("model", "sasrec", "sasrec_pp", "reward"):
         with pytest.raises(ConfigError, match=rf"{section}\.num_heads=-4: expected an integer >= 1"):
             load_config(None, [f"{section}.num_heads=-4"])
 
