@@ -13,6 +13,10 @@ stage and by the baseline, at the end. The figure (bench/results/quality_<name>.
 bars of one standard error over the test users (bench/figures.py).
 --tokenizer-report also quantises the same item embeddings with both tokenizers
 (rq_kmeans and rq_vae) and reports per-level utilization, entropy and collision rate.
+--seeds N runs all of it N times (run.seed = seed, seed + 1, ...; each run in
+<run.out_dir>-seed<N>) and reports each model's mean ± standard deviation over the seeds, and
+in the json the standard error of the mean and every seed's numbers: a difference smaller
+than the seed-to-seed spread is not a win.
 """
 
 from __future__ import annotations
@@ -105,19 +109,22 @@ def markdown(result: dict) -> str:
     head = "| model | " + " | ".join(m.replace("recall", "R").replace("ndcg", "N") for m in METRICS) + " | source |"
     lines = [head, "|---" * (len(METRICS) + 2) + "|"]
 
-    def row(name: str, values: dict, source: str) -> None:
-        lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + f" | {source} |")
+    def row(name: str, values: dict, source: str, spread: dict | None = None) -> None:
+        cells = [f"{values[m]:.4f}" + (f" ± {spread[m]:.4f}" if spread else "") for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {source} |")
 
     sources = result.get("published_sources", {})
     for name, values in result["published"].items():
         row(name, values, sources.get(name, "published"))
     if result.get("target"):
         row(f"target ({result['target_label']})", result["target"], "published x factor")
+    seeds = result.get("seeds", [])
+    measured = f"measured, mean ± std of {len(seeds)} seeds" if len(seeds) > 1 else "measured"
     row("popularity (ours)", result["popularity"]["test"], "measured")
     baselines = [(key, label) for key, label in BASELINE_ROWS.items() if key in result]
     for key, label in baselines:
-        row(label, result[key]["test"], "measured")
-    row("OneRec (ours)", result["ours"]["test"], "measured")
+        row(label, result[key]["test"], measured, result[key].get("test_std"))
+    row("OneRec (ours)", result["ours"]["test"], measured, result["ours"].get("test_std"))
     baseline_minutes = "".join(
         f", {BASELINE_NAMES[key]} {result['seconds'][key] / 60:.1f} min" for key, _ in baselines
     )
@@ -138,6 +145,11 @@ def markdown(result: dict) -> str:
             for key, _ in baselines
         ),
     ]
+    if len(seeds) > 1:
+        out += ["", f"Seeds (run.seed): {', '.join(map(str, seeds))}; ± is the standard deviation over seeds. "
+                "Standard error of the mean (std / sqrt(seeds)), test: "
+                + "; ".join(f"{BASELINE_NAMES.get(key, 'OneRec')} " + ", ".join(
+                    f"{m} {result[key]['test_se'][m]:.4f}" for m in METRICS) for key in ("ours", *dict(baselines)))]
     if result.get("target_met") is not None:
         out += ["", "Target met: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in result["target_met"].items())]
     if result.get("tokenizers"):
@@ -169,20 +181,8 @@ def count_test_users(cfg) -> int:
     return len(make_splits(load_prepared(RunPaths.of(cfg.run.out_dir).data).sequences, cfg.data)["test"])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = bench_parser(__doc__, "pipeline YAML (only differences from the defaults)", "beauty")
-    parser.add_argument("--published", help="json with published rows (and an optional target)")
-    parser.add_argument("--tokenizer-report", action="store_true")
-    parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
-    parser.add_argument(
-        "--pipeline-seconds",
-        type=float,
-        help="with --skip-pipeline: the measured wall time of that run when it was done in pieces (e.g. resumed)",
-    )
-    args = parser.parse_args(argv)
-    setup_console()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = load_config(args.config, args.overrides)
+def run_seed(cfg, args, argv: list[str] | None) -> dict:
+    """One run of the pipeline and the baselines for `cfg` (one seed): the result dict."""
     paths = RunPaths.of(cfg.run.out_dir)
 
     from onerec.stages import BY_NAME
@@ -204,6 +204,77 @@ def main(argv: list[str] | None = None) -> dict:
         baselines = {name: json.loads(f.read_text()) for name, f in baseline_files.items()}
     else:
         baselines = baseline_main(cfg) if baseline_files else {}
+    return {
+        **run_record("quality.py", args.name, argv, cfg),
+        "ours": {"valid": metrics["valid"], "test": metrics["test"]},
+        **{name: {k: b[k] for k in ("valid", "test", "best_epoch", "epochs_run")} for name, b in baselines.items()},
+        "popularity": metrics["baselines"]["popularity"],
+        "test_users": count_test_users(cfg),
+        "seconds": {"pipeline": pipeline_seconds, **{name: b["wall_seconds"] for name, b in baselines.items()}},
+        "sasrec_in_pipeline": sasrec_in_pipeline,
+        "semantic_ids": metrics.get("semantic_ids", {}),
+    }
+
+
+def seed_overrides(cfg, seeds: int) -> list[list[str]]:
+    """The extra overrides of each seed's run: none for one seed (the run as configured); for
+    several, run.seed = the configured seed + i, each run in its own directory beside the
+    configured one (<run.out_dir>-seed<seed>), so their outputs never mix."""
+    if seeds == 1:
+        return [[]]
+    base = cfg.run.seed
+    return [[f"run.seed={base + i}", f"run.out_dir={cfg.run.out_dir}-seed{base + i}"] for i in range(seeds)]
+
+
+def aggregate(results: list[dict], seeds: list[int]) -> dict:
+    """One result from the runs of several seeds: each model's metrics are the mean over seeds,
+    with the sample standard deviation (`<split>_std`) and the standard error of the mean
+    (`<split>_se`, std / sqrt(seeds)) beside them, each seed's own numbers under `per_seed`,
+    and the wall times summed."""
+    import statistics
+
+    first = results[0]
+    combined = {**first, "seeds": seeds, "per_seed": [], "seconds": {}}
+    models = [key for key in ("ours", *BASELINE_ROWS) if key in first]
+    for key in models:
+        combined[key] = {"best_epoch": [r[key].get("best_epoch") for r in results]} if key != "ours" else {}
+        for split in ("valid", "test"):
+            values = {m: [r[key][split][m] for r in results] for m in first[key][split]}
+            combined[key][split] = {m: statistics.fmean(v) for m, v in values.items()}
+            combined[key][f"{split}_std"] = {m: statistics.stdev(v) for m, v in values.items()}
+            combined[key][f"{split}_se"] = {m: statistics.stdev(v) / len(v) ** 0.5 for m, v in values.items()}
+    for seed, result in zip(seeds, results):
+        combined["per_seed"].append({"seed": seed, **{key: {s: result[key][s] for s in ("valid", "test")} for key in models}})
+    for result in results:
+        for part, seconds in result["seconds"].items():
+            combined["seconds"][part] = combined["seconds"].get(part, 0.0) + seconds
+    return combined
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = bench_parser(__doc__, "pipeline YAML (only differences from the defaults)", "beauty")
+    parser.add_argument("--published", help="json with published rows (and an optional target)")
+    parser.add_argument("--tokenizer-report", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
+    parser.add_argument(
+        "--pipeline-seconds",
+        type=float,
+        help="with --skip-pipeline: the measured wall time of that run when it was done in pieces (e.g. resumed)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1,
+        help="runs with run.seed = seed, seed + 1, ... (each in <run.out_dir>-seed<N>); the table gives the\n"
+             "mean ± std over them and the json also the standard error and each seed's numbers",
+    )
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: expected 1 or more")
+    setup_console()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = load_config(args.config, args.overrides)
+    runs = [load_config(args.config, [*args.overrides, *extra]) for extra in seed_overrides(cfg, args.seeds)]
+    results = [run_seed(run_cfg, args, argv) for run_cfg in runs]
+    result = results[0] if len(results) == 1 else aggregate(results, [run_cfg.run.seed for run_cfg in runs])
 
     published, sources, target, target_label = {}, {}, None, None
     if args.published:
@@ -212,26 +283,14 @@ def main(argv: list[str] | None = None) -> dict:
         if "target" in spec:
             target_label = f"{spec['target']['row']} x {spec['target']['factor']}"
             target = {m: published[spec["target"]["row"]][m] * spec["target"]["factor"] for m in METRICS}
-    result = {
-        **run_record("quality.py", args.name, argv, cfg),
-        "ours": {"valid": metrics["valid"], "test": metrics["test"]},
-        **{name: {k: b[k] for k in ("valid", "test", "best_epoch", "epochs_run")} for name, b in baselines.items()},
-        "popularity": metrics["baselines"]["popularity"],
-        "test_users": count_test_users(cfg),
-        "published": published,
-        "published_sources": sources,
-        "seconds": {"pipeline": pipeline_seconds, **{name: b["wall_seconds"] for name, b in baselines.items()}},
-        "sasrec_in_pipeline": sasrec_in_pipeline,
-        "semantic_ids": metrics.get("semantic_ids", {}),
-    }
+    result["published"], result["published_sources"] = published, sources
     if target is not None:
         result["target"], result["target_label"] = target, target_label
-        result["target_met"] = {m: metrics["test"][m] >= target[m] for m in METRICS}
+        result["target_met"] = {m: result["ours"]["test"][m] >= target[m] for m in METRICS}
     if args.tokenizer_report:
         result["tokenizers"] = tokenizer_report(args.config, args.overrides)
     write_results(Path(args.results_dir), f"quality_{args.name}", result, markdown(result))
     return result
-
 
 if __name__ == "__main__":
     main()

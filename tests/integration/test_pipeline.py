@@ -150,6 +150,36 @@ def test_quality_bench_tables_ours_sasrec_popularity_and_published_rows(pipeline
     assert "| Paper |" in table and "| SASRec (ours, CE) |" in table and "| OneRec (ours) |" in table
 
 
+def test_quality_bench_over_seeds_reports_mean_spread_and_each_seed(pipeline_run, tmp_path):
+    """--seeds 2 with --skip-pipeline over two copies of one finished run (as two seeds' runs
+    would sit, in <run.out_dir>-seed<N>): OneRec's numbers are the same in both, so their
+    spread is 0; SASRec is trained once per seed, with that seed."""
+    import shutil
+    import statistics
+
+    from onerec.config import load_config
+
+    quality = _load_bench("quality")
+    overrides = _overrides(tmp_path)
+    base = load_config(None, overrides).run.seed
+    for seed in (base, base + 1):
+        shutil.copytree(pipeline_run, tmp_path / f"run-seed{seed}")
+    shutil.copytree(pipeline_run.parent / "raw", tmp_path / "raw")
+    result = quality.main(["--name", "tiny", "--seeds", "2", "--skip-pipeline", "--results-dir",
+                           str(tmp_path / "results"), *overrides])
+    metrics = json.loads((pipeline_run / "metrics.json").read_text())
+    assert result["seeds"] == [base, base + 1] and [r["seed"] for r in result["per_seed"]] == result["seeds"]
+    assert result["ours"]["test"] == pytest.approx(metrics["test"]) and set(result["ours"]["test_std"].values()) == {0.0}
+    per_seed = [r["sasrec"]["test"]["ndcg@10"] for r in result["per_seed"]]
+    assert result["sasrec"]["test"]["ndcg@10"] == pytest.approx(statistics.fmean(per_seed))
+    assert result["sasrec"]["test_se"]["ndcg@10"] == pytest.approx(statistics.stdev(per_seed) / 2**0.5)
+    for seed in (base, base + 1):  # each seed's SASRec in its own run directory
+        assert (tmp_path / f"run-seed{seed}" / "baselines" / "sasrec" / "metrics.json").is_file()
+    table = (tmp_path / "results" / "quality_tiny.md").read_text()
+    assert "measured, mean ± std of 2 seeds" in table and f"Seeds (run.seed): {base}, {base + 1}" in table
+    assert quality.seed_overrides(load_config(None, overrides), 1) == [[]]  # one seed: the run as configured
+
+
 def test_validation_bench_scores_valid_only_and_matches_the_evaluate_stage(pipeline_run, capsys):
     validation = _load_bench("validation")
     rows = validation.main(["--run", str(pipeline_run), "--exclude-history", "both"])
