@@ -216,7 +216,7 @@ def test_a_body_over_the_limit_is_a_413_whether_its_length_is_declared_or_not(se
 def test_a_full_queue_answers_503_at_once_and_keeps_serving(export_dir, tmp_path):
     """--max-queued 1: while one request waits (up to --max-wait-ms) for others to share its
     search, the next is refused with 503 and Retry-After instead of queueing."""
-    process, url = start_server(export_dir, tmp_path / "server.log", "--max-queued", "1", "--max-wait-ms", "3000")
+    process, url = start_server(export_dir, tmp_path / "server.log", "--max-queued", "1", "--max-wait-ms", "8000")
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             first = pool.submit(call, url, "/recommend", BODIES[0])
