@@ -38,3 +38,19 @@ def pytest_configure(config):
         if examples < 1:
             raise pytest.UsageError(f"--fuzz-examples {examples}: expected an integer >= 1")
         os.environ[FUZZ_EXAMPLES_ENV] = str(examples)  # read by tests/fuzz/fuzz_helpers.py
+
+
+# The serving tests (test_recommender, test_recommend_jsonl, test_serve) read one tiny model
+# export (tests/export_helpers.py) and never write to it: written once per session.
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    from export_helpers import tiny_export
+
+    return tiny_export(tmp_path_factory.mktemp("tiny_export"))
+
+
+@pytest.fixture(scope="session")
+def recommender(export_dir):
+    from onerec.inference.recommend import Recommender
+
+    return Recommender.from_pretrained(export_dir, device="cpu")

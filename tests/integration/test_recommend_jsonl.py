@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from export_helpers import RAW_IDS as ID, tiny_export
+from export_helpers import RAW_IDS as ID
 
 from onerec.cli import main as cli_main
 from onerec.inference.recommend import Recommender
@@ -28,14 +28,8 @@ GOOD = [
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return tiny_export(tmp_path_factory.mktemp("jsonl"))
-
-
-@pytest.fixture(scope="module")
-def expected(export_dir):
+def expected(recommender):
     """What the Python API answers for GOOD, with the CLI's defaults (top-k 3, beam width 20)."""
-    recommender = Recommender.from_pretrained(export_dir, device="cpu")
     answers = []
     for line in GOOD:
         request = recommender.prepare(line.get("history", []), line.get("user_id"), line.get("k", 3),

@@ -21,21 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from export_helpers import NUM_ITEMS, RAW_IDS as ID, tiny_export
+from export_helpers import NUM_ITEMS, RAW_IDS as ID
 
 from onerec.inference.recommend import Recommender
 
 BEAM_WIDTH = 6  # the tiny export's eval.beam_width: the server's default
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return tiny_export(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def recommender(export_dir):
-    return Recommender.from_pretrained(export_dir, device="cpu")
 
 
 def start_server(export_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:

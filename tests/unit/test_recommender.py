@@ -16,16 +16,6 @@ from onerec.inference.recommend import Recommendation, Recommender, recommend, u
 ID = RAW_IDS
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return tiny_export(tmp_path_factory.mktemp("recommender"))
-
-
-@pytest.fixture(scope="module")
-def recommender(export_dir):
-    return Recommender.from_pretrained(export_dir, device="cpu")
-
-
 HISTORIES = [
     [ID[1], ID[2]],
     [],
