@@ -24,7 +24,7 @@ from onerec.logging import setup_console
 from onerec.paths import RunPaths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import bench_parser, run_record, write_results  # noqa: E402  (same folder, same conventions)
+from quality import bench_parser, pipeline_metrics, run_record, write_results  # noqa: E402  (same folder, same conventions)
 
 
 def relative(after: float, before: float) -> float:
@@ -101,12 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the config must set reward.enabled=true and align.enabled=true")
     paths = RunPaths.of(cfg.run.out_dir)
     started = time.perf_counter()
-    if args.skip_pipeline:
-        metrics = json.loads(paths.metrics.read_text())
-    else:
-        from onerec.stages.pipeline import main as pipeline_main
-
-        metrics = pipeline_main(cfg)
+    metrics = pipeline_metrics(cfg, args.skip_pipeline)
     alignment = metrics["alignment"]
     exported_round = alignment.get("exported_round", len(alignment["rounds"]))
     first = alignment["pretrain"]

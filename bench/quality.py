@@ -181,19 +181,25 @@ def count_test_users(cfg) -> int:
     return len(make_splits(load_prepared(RunPaths.of(cfg.run.out_dir).data).sequences, cfg.data)["test"])
 
 
+def pipeline_metrics(cfg, skip_pipeline: bool) -> dict:
+    """The metrics.json of `cfg`'s run: read back from a finished run (skip_pipeline), else
+    what `onerec pipeline` returns after running it."""
+    if skip_pipeline:
+        return json.loads(RunPaths.of(cfg.run.out_dir).metrics.read_text())
+    from onerec.stages.pipeline import main as pipeline_main
+
+    return pipeline_main(cfg)
+
+
 def run_seed(cfg, args, argv: list[str] | None) -> dict:
     """One run of the pipeline and the baselines for `cfg` (one seed): the result dict."""
     paths = RunPaths.of(cfg.run.out_dir)
 
     from onerec.stages import BY_NAME
     from onerec.stages.baseline import main as baseline_main
-    from onerec.stages.pipeline import main as pipeline_main
 
     started = time.perf_counter()
-    if args.skip_pipeline:
-        metrics = json.loads(paths.metrics.read_text())
-    else:
-        metrics = pipeline_main(cfg)
+    metrics = pipeline_metrics(cfg, args.skip_pipeline)
     pipeline_seconds = args.pipeline_seconds or metrics.get("wall_seconds", time.perf_counter() - started)
     baseline_files = {name: paths.baselines / name / "metrics.json" for name in cfg.enabled_baselines}
     sasrec_in_pipeline = bool(

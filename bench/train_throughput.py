@@ -47,8 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import accelerator_name, device_slug  # noqa: E402  (same folder)
-from figures import save_figure  # noqa: E402
 from local_ranks import job_env  # noqa: E402
+from quality import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -294,12 +294,7 @@ def main() -> None:
         return
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)  # the workers write their rows there too
     report = launch(args)
-    table = markdown(report)
-    print(table)
-    stem = Path(args.results_dir) / f"train_throughput_{report['device_slug']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    save_figure(report, stem.with_suffix(".json"))
+    write_results(Path(args.results_dir), f"train_throughput_{report['device_slug']}", report, markdown(report))
 
 
 if __name__ == "__main__":
