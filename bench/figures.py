@@ -26,7 +26,9 @@ import textwrap
 from pathlib import Path
 
 # Colours by role, the same in every figure: ours, our baselines, published rows.
-OURS, BASELINE, BASELINE_2, BASELINE_3, PUBLISHED = "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#9e9e9e"
+OURS, BASELINE, BASELINE_2, BASELINE_3, BASELINE_4, PUBLISHED = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#9e9e9e"
+)
 CAPTION_WIDTH = 130  # characters per caption line at the figure widths used here
 QUALITY_METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
@@ -132,6 +134,7 @@ def quality_figure(result: dict, path: Path) -> Path:
         *[(label, result[key]["test"], colour) for key, label, colour in (
             ("sasrec", "SASRec (ours, CE)", BASELINE),
             ("sasrec_pp", "SASRec++ (ours, CE + crop/shuffle)", BASELINE_3),
+            ("hstu", "HSTU (ours, CE)", BASELINE_4),
         ) if key in result],
         ("OneRec (ours)", result["ours"]["test"], OURS),
     ]

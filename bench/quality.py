@@ -4,9 +4,10 @@
         [--published bench/published/amazon2014_beauty.json] [--tokenizer-report] [key=value ...]
 
 Runs `onerec pipeline` (data -> tokenize -> pretrain -> evaluate) and the baseline stage on
-the same data and split: SASRec, and SASRec++ beside it with `sasrec_pp.enabled=true` (when
-the pipeline runs the baseline stage itself, because the config builds its semantic IDs from
-SASRec's item vectors or enables SASRec++, its results are reused), then writes
+the same data and split: SASRec, and SASRec++ and HSTU beside it with `sasrec_pp.enabled=true`
+and `hstu.enabled=true` (when the pipeline runs the baseline stage itself, because the config
+builds its semantic IDs from SASRec's item vectors or enables another baseline, its results
+are reused), then writes
 bench/results/quality_<name>.{json,md} and prints the table. Hyperparameters come from the
 config, which is chosen on validation only; the test split is scored once, by the evaluate
 stage and by the baseline, at the end. The figure (bench/results/quality_<name>.png) has error
@@ -42,8 +43,12 @@ from figures import save_figure  # noqa: E402
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 # Baseline models (config section = key in the result) and their rows in the table.
-BASELINE_ROWS = {"sasrec": "SASRec (ours, CE)", "sasrec_pp": "SASRec++ (ours, CE + crop/shuffle)"}
-BASELINE_NAMES = {"sasrec": "SASRec", "sasrec_pp": "SASRec++"}
+BASELINE_ROWS = {
+    "sasrec": "SASRec (ours, CE)",
+    "sasrec_pp": "SASRec++ (ours, CE + crop/shuffle)",
+    "hstu": "HSTU (ours, CE)",
+}
+BASELINE_NAMES = {"sasrec": "SASRec", "sasrec_pp": "SASRec++", "hstu": "HSTU"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -22,7 +22,7 @@ W&B runs: one W&B group per run directory, one W&B run per stage.
 
     group     the run directory's onerec run id (<out>/.onerec-run.json): stable when the
               directory is moved or renamed, shared by every stage that writes there
-    job_type  the stage (tokenize, pretrain, sasrec, reward, dpo, evaluate)
+    job_type  the stage (tokenize, pretrain, sasrec / sasrec_pp / hstu, reward, dpo, evaluate)
     name      <run dir name>/<stage>, or <logging.run_name>/<stage>
     id        kept in <out>/.onerec/wandb/<stage>.json {"stage", "wandb_id", "training_run_id",
               ...} (rank 0, atomically), so a restarted or requeued stage resumes the same W&B

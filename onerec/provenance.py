@@ -51,7 +51,7 @@ NEUTRAL_DEFAULTS: dict[str, Any] = {
     "sasrec.shuffle_prob": 0.0, "sasrec.shuffle_ratio": 0.3,
 }
 # Sections that change nothing while their switch is off: their keys count only when it is on.
-SWITCHED_SECTIONS = {"sasrec_pp": "enabled"}
+SWITCHED_SECTIONS = {"sasrec_pp": "enabled", "hstu": "enabled"}
 MAX_RAW_FILES = 10_000  # a data.root with more files is fingerprinted by its first 10,000 names
 
 

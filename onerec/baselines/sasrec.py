@@ -4,7 +4,8 @@ Trained with softmax cross-entropy over the full catalogue at every position (th
 "SASRec + CE" variant, stronger than the paper's sampled binary loss), scored by the
 dot product of the last position's state with every item embedding (tied).
 
-Shape legend: B users, S positions (max_history), D model dim, N items.
+Shape legend: B users, S positions (max_history), D model dim, N items, U users with a
+training row, W row width (max_len + 1), I interactions.
 Inputs are item indices right-aligned with -1 padding on the left (the harness's layout).
 """
 
@@ -22,31 +23,63 @@ from onerec.inference.metrics import MetricAccumulator
 from onerec.model.layers import EncoderLayer
 
 
-class SASRec(nn.Module):
-    def __init__(self, cfg: SASRecConfig, num_items: int, max_len: int) -> None:
-        super().__init__()
+class NextItemRanker:
+    """What the baseline harness asks of a next-item model (SASRec, HSTU): forward(items_BS,
+    times_BS) -> states [B, S, D], item_logits(states) -> [..., N], num_items, uses_time."""
+
+    uses_time = False  # whether forward reads the items' times (otherwise they are never gathered)
+
+    def _add_input_tables(self, num_items: int, max_len: int, d_model: int, dropout: float) -> None:
+        """The item and absolute-position tables both models read their inputs through."""
         if num_items < 1 or max_len < 1:
             raise ValueError(f"num_items={num_items} and max_len={max_len} must both be >= 1")
-        D = cfg.d_model
         self.num_items = num_items
         self.max_len = max_len
-        self.item_emb = nn.Embedding(num_items + 1, D)  # row 0 is padding; item i lives at row i + 1
-        self.pos_emb = nn.Embedding(max_len, D)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.item_emb = nn.Embedding(num_items + 1, d_model)  # row 0 is padding; item i lives at row i + 1
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _embed_inputs(self, items_BS: torch.Tensor, item_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [B, S, D] = item x item_scale + position, zero under padding, after dropout;
+        padding mask [B, S]). Right-aligned: the newest item sits at the last position."""
+        S = items_BS.shape[1]
+        if S > self.max_len:
+            raise ValueError(f"sequence of {S} items exceeds max_len={self.max_len}")
+        pad_BS = items_BS < 0
+        positions = torch.arange(self.max_len - S, self.max_len, device=items_BS.device)
+        x_BSD = self.item_emb(items_BS.clamp(min=-1) + 1) * item_scale + self.pos_emb(positions)
+        return self.dropout(x_BSD.masked_fill(pad_BS.unsqueeze(-1), 0.0)), pad_BS
+
+    @torch.no_grad()
+    def top_k(
+        self, history_BS: torch.Tensor, k: int, exclude_history: bool = False, times_BS: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The k best items after each history (right-aligned), [B, k]; exclude_history: never
+        one of the history's own items (the same rule as the beam search's `eval.exclude_history`)."""
+        hidden_BD = self.forward(history_BS, times_BS)[:, -1]
+        scores_BN = self.item_logits(hidden_BD)
+        if exclude_history:
+            # Padding (-1) lands on an extra column that is dropped again.
+            seen_BN = torch.zeros(scores_BN.shape[0], self.num_items + 1, dtype=torch.bool, device=scores_BN.device)
+            seen_BN.scatter_(1, torch.where(history_BS >= 0, history_BS, self.num_items), True)
+            scores_BN = scores_BN.masked_fill(seen_BN[:, :-1], float("-inf"))
+        return scores_BN.topk(min(k, self.num_items), dim=-1).indices
+
+
+class SASRec(NextItemRanker, nn.Module):
+    def __init__(self, cfg: SASRecConfig, num_items: int, max_len: int) -> None:
+        super().__init__()
+        D = cfg.d_model
+        self._add_input_tables(num_items, max_len, D, cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(D, cfg.num_heads, 4 * D, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(D)
         for table in (self.item_emb.weight, self.pos_emb.weight):
             nn.init.normal_(table, std=D**-0.5)
 
-    def forward(self, items_BS: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, S, D]; position s summarises items up to and including s."""
-        B, S = items_BS.shape
-        if S > self.max_len:
-            raise ValueError(f"sequence of {S} items exceeds max_len={self.max_len}")
-        pad_BS = items_BS < 0
-        positions = torch.arange(self.max_len - S, self.max_len, device=items_BS.device)
-        x_BSD = self.item_emb(items_BS.clamp(min=-1) + 1) + self.pos_emb(positions)
-        x_BSD = self.dropout(x_BSD.masked_fill(pad_BS.unsqueeze(-1), 0.0))
+    def forward(self, items_BS: torch.Tensor, times_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, S, D]; position s summarises items up to and including s (times unused)."""
+        S = items_BS.shape[1]
+        x_BSD, pad_BS = self._embed_inputs(items_BS)
         causal_SS = torch.ones(S, S, dtype=torch.bool, device=items_BS.device).tril()
         # Causal, never to padding; every row may see itself so an all-padding prefix has no empty row.
         allowed_BSS = (causal_SS & ~pad_BS.unsqueeze(1)) | torch.eye(S, dtype=torch.bool, device=items_BS.device)
@@ -57,19 +90,6 @@ class SASRec(nn.Module):
     def item_logits(self, hidden_xD: torch.Tensor) -> torch.Tensor:
         """Scores [..., N] of every real item (the padding row is left out)."""
         return hidden_xD @ self.item_emb.weight[1:].T
-
-    @torch.no_grad()
-    def top_k(self, history_BS: torch.Tensor, k: int, exclude_history: bool = False) -> torch.Tensor:
-        """The k best items after each history (right-aligned), [B, k]; exclude_history: never
-        one of the history's own items (the same rule as the beam search's `eval.exclude_history`)."""
-        hidden_BD = self.forward(history_BS)[:, -1]
-        scores_BN = self.item_logits(hidden_BD)
-        if exclude_history:
-            # Padding (-1) lands on an extra column that is dropped again.
-            seen_BN = torch.zeros(scores_BN.shape[0], self.num_items + 1, dtype=torch.bool, device=scores_BN.device)
-            seen_BN.scatter_(1, torch.where(history_BS >= 0, history_BS, self.num_items), True)
-            scores_BN = scores_BN.masked_fill(seen_BN[:, :-1], float("-inf"))
-        return scores_BN.topk(min(k, self.num_items), dim=-1).indices
 
 
 def training_sequences(offsets: np.ndarray, items: np.ndarray, train_len: np.ndarray, max_len: int) -> np.ndarray:
@@ -135,10 +155,11 @@ def augmented_sequences(
     return rows_UW
 
 
-def sequence_loss(model: SASRec, rows_BT: torch.Tensor) -> torch.Tensor:
-    """Mean full-catalogue cross-entropy of the next item at every real (input, target) pair."""
+def sequence_loss(model: NextItemRanker, rows_BT: torch.Tensor, times_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean full-catalogue cross-entropy of the next item at every real (input, target) pair;
+    times_BT (aligned with rows_BT) only for a model that reads them."""
     inputs_BS, targets_BS = rows_BT[:, :-1], rows_BT[:, 1:]
-    hidden_BSD = model(inputs_BS)
+    hidden_BSD = model(inputs_BS, None if times_BT is None else times_BT[:, :-1])
     real = (targets_BS >= 0) & (inputs_BS >= 0)
     logits_RN = model.item_logits(hidden_BSD[real])
     return nn.functional.cross_entropy(logits_RN, targets_BS[real])
@@ -168,22 +189,26 @@ def load_item_vectors(weights_path: Path, num_items: int) -> torch.Tensor:
     return table[1:].float()
 
 
-def evaluate_sasrec(
-    model: SASRec,
+def evaluate_next_item(
+    model: NextItemRanker,
     history_BS: np.ndarray,
     target_B: np.ndarray,
     ks: list[int],
     batch_size: int,
     device,
     exclude_history: bool = False,
+    times_BS: np.ndarray | None = None,
 ) -> dict[str, float]:
+    """Recall@K / NDCG@K of a next-item model over the full catalogue (times_BS, aligned with
+    the histories, only for a model that reads them)."""
     accumulator = MetricAccumulator(ks)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(target_B), batch_size):
             history = torch.as_tensor(history_BS[start : start + batch_size], device=device)
-            ranked = model.top_k(history, accumulator.ks[-1], exclude_history)
+            times = None if times_BS is None else torch.as_tensor(times_BS[start : start + batch_size], device=device)
+            ranked = model.top_k(history, accumulator.ks[-1], exclude_history, times)
             accumulator.update(ranked.cpu(), torch.as_tensor(target_B[start : start + batch_size]))
     finally:
         model.train(was_training)

@@ -85,7 +85,7 @@ class ExampleRows:
         return len(self.user)
 
 
-def _history_rows(
+def history_rows(
     offsets: np.ndarray, items: np.ndarray, users: np.ndarray, ends: np.ndarray, max_history: int
 ) -> np.ndarray:
     """[B, S] int64: seq_u[:end][-S:] right-aligned, -1 on the left."""
@@ -112,7 +112,7 @@ def gather_examples(
     """history = seq_u[:end][-S:], target = seq_u[end : min(end + M, limit)] for each (u, end, limit)."""
     return ExampleRows(
         np.asarray(users).astype(np.int64),
-        _history_rows(seqs.offsets, seqs.items, users, ends, max_history),
+        history_rows(seqs.offsets, seqs.items, users, ends, max_history),
         _target_rows(seqs.offsets, seqs.items, users, ends, limits, session_len),
     )
 
@@ -171,7 +171,7 @@ class Examples:
         user, end, limit = self.locate(rows)
         return ExampleRows(
             user,
-            _history_rows(self.offsets, self.items, user, end, self.max_history),
+            history_rows(self.offsets, self.items, user, end, self.max_history),
             _target_rows(self.offsets, self.items, user, end, limit, self.session_len),
         )
 
@@ -181,7 +181,7 @@ class Examples:
         if name == "user":
             return user
         if name == "history":
-            return _history_rows(self.offsets, self.items, user, end, self.max_history)
+            return history_rows(self.offsets, self.items, user, end, self.max_history)
         assert name == "target", name
         return _target_rows(self.offsets, self.items, user, end, limit, self.session_len)
 

@@ -7,6 +7,7 @@ through `onerec plan`, so the three never disagree.
               |                                      |          |
               tokenizer.collaborative_source         reward.    align.enabled
               names sasrec, or sasrec_pp.enabled     enabled
+              or hstu.enabled
 
 Before a stage runs, `run_stage` checks, in this order and before the stage module (torch,
 DeepSpeed, a process group) loads: the run directory is safe to write (onerec/run_dir.py),
@@ -152,10 +153,10 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("data", "raw files -> validated, dense-id tables in <out>/data",
           done_marker="data/meta.json", in_pipeline=_always, config_sections=("data",)),
-    Stage("baseline", "SASRec (+ SASRec++ when sasrec_pp.enabled) on the same split -> <out>/baselines/<model>",
+    Stage("baseline", "SASRec (+ SASRec++ / HSTU when enabled) on the same split -> <out>/baselines/<model>",
           inputs=lambda cfg: [("data/meta.json", "data")], done_marker=_baseline_done,
-          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec or cfg.sasrec_pp.enabled,
-          config_sections=("data", "sasrec", "sasrec_pp", "eval", "run.seed")),
+          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec or cfg.sasrec_pp.enabled or cfg.hstu.enabled,
+          config_sections=("data", "sasrec", "sasrec_pp", "hstu", "eval", "run.seed")),
     Stage("tokenize", "item embeddings -> semantic IDs + trie in <out>/semantic_ids",
           inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", distributed=True, in_pipeline=_always,
           config_sections=("data", "tokenizer", "run.seed")),

@@ -137,6 +137,7 @@ from onerec.distributed.optimizer_state import (
     zero_partitioned,
 )
 from onerec.logging import RunLogger, progress_disabled
+from onerec.provenance import NEUTRAL_DEFAULTS, SWITCHED_SECTIONS
 from onerec.train.preemption import StopSignals, TrainingInterrupted
 
 log = logging.getLogger("onerec.train")
@@ -241,10 +242,20 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict, current: dict) -> list[str]:
     """The settings (dotted keys) whose values differ between a checkpoint's config and the
     current one, beyond RESUMABLE_CHANGES. A checkpoint without a config (old, or a caller
-    that passes none) has nothing to compare: []."""
+    that passes none) has nothing to compare: []. A key added since the checkpoint was written
+    counts there as its provenance.NEUTRAL_DEFAULTS value (what the code computed before it),
+    and a section of provenance.SWITCHED_SECTIONS counts only where it is switched on."""
     if not saved or not current:
         return []
     before, after = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))  # as the manifest holds it
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        if key in after and key not in before:
+            before[key] = neutral
+    for section, switch in SWITCHED_SECTIONS.items():
+        if not before.get(f"{section}.{switch}") and not after.get(f"{section}.{switch}"):
+            for flat in (before, after):
+                for key in [k for k in flat if k.startswith(f"{section}.")]:
+                    del flat[key]
     return sorted(key for key in before.keys() | after.keys()
                   if before.get(key) != after.get(key) and not key.startswith(RESUMABLE_CHANGES))
 

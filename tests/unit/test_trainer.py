@@ -325,3 +325,8 @@ def test_an_automatic_resume_continues_only_a_run_made_with_the_same_settings(tm
                           {"train": {"lr": 0.01}, "logging": {"wandb": "disabled"}}) == []
     assert config_changes({"data": {"text_fields": ["title"]}}, {"data": {"text_fields": ("title",)}}) == []
     assert config_changes({"tokenizer": {"levels": 3}}, {"tokenizer": {"levels": 4}}) == ["tokenizer.levels"]
+    # A baseline section added after the checkpoint, switched off, is no change; switched on, it is.
+    off, on = {"enabled": False, "d_model": 64}, {"enabled": True, "d_model": 64}
+    assert config_changes({"train": {"lr": 0.01}}, {"train": {"lr": 0.01}, "hstu": off}) == []
+    assert config_changes({"hstu": {**off, "d_model": 32}}, {"hstu": off}) == []
+    assert config_changes({"train": {"lr": 0.01}}, {"train": {"lr": 0.01}, "hstu": on}) == ["hstu.d_model", "hstu.enabled"]
