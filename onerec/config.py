@@ -307,7 +307,8 @@ class ModelConfig:
     dropout: float = ranged(0.1, min=0.0, below=1.0)
     # Hashed user token prepended to the encoder input (TIGER); 0 disables it.
     user_buckets: int = ranged(0, min=0)
-    # Add a learned per-item vector to each history item's input (encoder side only).
+    # Add a learned per-item vector to each history item's input (encoder side only). The same
+    # table is the output layer of the item head (train.item_loss_weight, eval.item_score_weight).
     item_id_embedding: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -328,6 +329,10 @@ class TrainConfig:
     grad_clip: float = ranged(1.0, min=0.0)  # max gradient norm; 0: no clipping
     # Share of each target's probability spread over its level's codebook; 1 would leave none on it.
     label_smoothing: float = ranged(0.0, min=0.0, below=1.0)
+    # Weight of the item-level cross-entropy (the encoder's last state against every item's
+    # ID embedding, LIGER-style) added to the next-token loss; 0 leaves it off and uncomputed.
+    # Needs model.item_id_embedding: the item table is the head's output layer.
+    item_loss_weight: float = ranged(0.0, min=0.0)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     zero_stage: int = ranged(0, min=0, max=2, why="DeepSpeed ZeRO stage 0 (off), 1 or 2")
     eval_every: int = ranged(500, min=1)  # steps; validation NDCG@10 drives early stopping
@@ -361,6 +366,9 @@ class EvalConfig:
     # Never recommend an item already in the user's history (the beam search masks those
     # leaves; SASRec masks those scores). For logs where an item is consumed at most once.
     exclude_history: bool = False
+    # Rerank the final beams by beam log-prob + this x the item head's log-softmax over the
+    # catalogue (for a model trained with train.item_loss_weight > 0); 0 keeps the beam order.
+    item_score_weight: float = ranged(0.0, min=0.0)
 
     def __post_init__(self) -> None:
         check_ranges("eval", self)

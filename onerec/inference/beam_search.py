@@ -1,7 +1,8 @@
 """Trie-constrained beam search: every beam is always a prefix of a real item's code tuple.
 
 Shape legend: B requests, W beams per request, N = B * W beam rows (N = B at the first step),
-S history length, L code levels, C codebook size (C_max), T codes generated so far.
+S history length, L code levels, C codebook size (C_max), T codes generated so far, I items
+(the catalogue, in the item head's scores).
 
 The encoder runs once per request; each of the L steps runs the decoder for all beams, then
 one `constrained_beam_step` (log-softmax, valid trie children only, top W per request) and a
@@ -20,10 +21,16 @@ Two guards run before the W-wide steps allocate anything:
   projections, the decoder's activations, the logits) scales with N = B * W; the estimate
   (`estimate_beam_search_bytes`) is compared with the memory left on the device and a
   ResourceError says what it needs, what there is, and which settings to lower.
+
+Optionally (item_score_weight > 0) the final beams are reranked by the model's item head
+(OneRecModel.item_logits), read from the same encoder pass: score = beam log-prob +
+weight x log-softmax over the catalogue of the item's logit. The search itself, and so the set
+of W items, is unchanged; only their order and scores are.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +217,40 @@ def model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device
     return fallback
 
 
+def check_item_scores(model, item_score_weight: float, setting: str = "eval.item_score_weight") -> None:
+    """ValueError unless item_score_weight is a finite number >= 0 and, when > 0, the model
+    has the item head (an item-ID embedding); `setting` names the option in the message."""
+    if not (math.isfinite(item_score_weight) and item_score_weight >= 0):
+        raise ValueError(f"{setting}={item_score_weight}: expected a finite number >= 0")
+    if item_score_weight > 0 and getattr(model, "item_emb", None) is None:
+        raise ValueError(
+            f"{setting}={item_score_weight} reranks the beams by the model's item head, but this model has no "
+            f"item-ID embedding (model.item_id_embedding: false): set {setting}=0, or train a model with "
+            "model.item_id_embedding=true and train.item_loss_weight > 0"
+        )
+
+
+def rerank_by_item_scores(
+    model, memory, output: BeamSearchOutput, item_score_weight: float
+) -> BeamSearchOutput:
+    """`output` with each beam's score raised by item_score_weight x the item head's
+    log-probability of its item (log-softmax over the whole catalogue), re-sorted descending.
+
+    `memory` is the search's encoder memory, one row per request. Dead beams keep -inf and
+    sort last; equal scores keep the beam order (stable sort).
+    """
+    log_probs_BI = torch.log_softmax(model.item_logits(memory), dim=-1)
+    item_log_probs_BW = log_probs_BI.gather(1, output.items_BW.clamp(min=0))
+    scores_BW = output.scores_BW + item_score_weight * item_log_probs_BW  # -inf + finite stays -inf
+    order_BW = torch.sort(scores_BW, dim=1, descending=True, stable=True).indices
+    L = output.codes_BWL.shape[-1]
+    return BeamSearchOutput(
+        items_BW=output.items_BW.gather(1, order_BW),
+        scores_BW=scores_BW.gather(1, order_BW),
+        codes_BWL=output.codes_BWL.gather(1, order_BW.unsqueeze(-1).expand(-1, -1, L)),
+    )
+
+
 def _caches(model, use_cache: bool) -> bool:
     """Whether a search with `use_cache` will decode through the model's KV cache."""
     return use_cache and hasattr(model, "start_decoding")
@@ -257,6 +298,7 @@ def constrained_beam_search(
     exclude_items_BX: torch.Tensor | None = None,
     settings: str = DEFAULT_SETTINGS,
     use_cache: bool = True,
+    item_score_weight: float = 0.0,
 ) -> BeamSearchOutput:
     """Top-`beam_width` items per request by beam search restricted to the trie.
 
@@ -272,9 +314,14 @@ def constrained_beam_search(
     use_cache=False recomputes the decoder over the whole prefix at every step (the
     reference path; see BeamDecoder). Runs on the model's device, in whatever train/eval mode
     the caller left the model (call `model.eval()` first for deterministic results).
+
+    item_score_weight > 0 reorders the W final beams by beam log-prob + item_score_weight x the
+    item head's log-probability (rerank_by_item_scores; the model needs an item-ID embedding).
+    The output's scores are then those combined scores. 0: the beams' own order.
     """
     if beam_width < 1:
         raise ValueError(f"beam_width={beam_width}: expected >= 1")
+    check_item_scores(model, item_score_weight, setting="item_score_weight")
     if history_codes_BSL.dim() != 3 or history_codes_BSL.shape[-1] != trie.depth:
         raise ValueError(
             f"history_codes_BSL must be [batch, history, {trie.depth}] (the trie has {trie.depth} code levels), "
@@ -297,7 +344,8 @@ def constrained_beam_search(
 
     # The first step reads one row per request (its root) and fans out to W beams; from then
     # on every request has W rows.
-    decoder = BeamDecoder(model, model.encode(history_codes_BSL, user_B, history_items_BS), use_cache)
+    memory = model.encode(history_codes_BSL, user_B, history_items_BS)  # one row per request
+    decoder = BeamDecoder(model, memory, use_cache)
     rows_per_request = 1
     scores_N = torch.zeros(B, device=device)
     states_N = torch.zeros(B, dtype=torch.long, device=device)
@@ -327,11 +375,14 @@ def constrained_beam_search(
     codes_NL = generated_NT.masked_fill(~live_N.unsqueeze(1), -1)
     # The step returns each request's beams sorted by score, dead ones last, so the output is
     # sorted; padding up to beam_width adds dead beams, which sort last.
-    return BeamSearchOutput(
+    output = BeamSearchOutput(
         items_BW=_pad_beams(items_N.view(B, W), beam_width, -1),
         scores_BW=_pad_beams(scores_N.view(B, W), beam_width, float("-inf")),
         codes_BWL=_pad_beams(codes_NL.view(B, W, L), beam_width, -1),
     )
+    if item_score_weight > 0:
+        output = rerank_by_item_scores(model, memory, output, item_score_weight)
+    return output
 
 
 def _mask_excluded_leaves(

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from onerec.inference.beam_search import constrained_beam_search, num_leaves
+from onerec.inference.beam_search import check_item_scores, constrained_beam_search, num_leaves
 from onerec.inference.metrics import MetricAccumulator
 from onerec.logging import progress_disabled
 from onerec.model.onerec import lookup_codes
@@ -39,10 +39,14 @@ def evaluate_examples(
     desc: str = "eval",
     distributed: bool = False,
     exclude_history: bool = False,
+    item_score_weight: float = 0.0,
 ) -> dict[str, float]:
     """Recall/NDCG@K of the top-K beams for each (history, held-out target) row.
 
     exclude_history=True: no row is recommended an item of its own history.
+    item_score_weight > 0 (eval.item_score_weight): the W beams are reranked by beam log-prob +
+    item_score_weight x the item head's log-probability before the top K are taken; the
+    model needs an item-ID embedding (a ValueError says so before anything is decoded).
 
     A beam_width above the catalogue size is searched as one beam per item (the same result;
     a warning says so). The search's memory is estimated before its first batch: a
@@ -75,6 +79,7 @@ def evaluate_examples(
         raise ValueError(f"beam_width={beam_width} must be >= the largest K in ks ({top_k})")
     if max_users < 0:
         raise ValueError(f"max_users={max_users}: expected >= 0 (0 means every user)")
+    check_item_scores(model, item_score_weight)
     if max_users:
         history_BS, target_B = history_BS[:max_users], target_B[:max_users]
         user_B = None if user_B is None else user_B[:max_users]
@@ -118,6 +123,7 @@ def evaluate_examples(
                 history_items_BS=history_items_BS,
                 exclude_items_BX=history_items_BS if exclude_history else None,
                 settings=settings,
+                item_score_weight=item_score_weight,
             )
             counted = max(0, min(batch_size, num_counted - start))  # padding rows are not counted
             if counted:

@@ -24,6 +24,9 @@ What a request means:
 - exclude_history (default: the export's `eval.exclude_history`): leave out every item of
   the given history, not only the last `max_history` the model reads.
 
+The order is the beams' log-probability; with the export's `eval.item_score_weight` > 0 the
+beams are reranked by the item head as in evaluation, and the score is that combined score.
+
 A request's answer does not depend on the other requests of its call: every history is
 padded to `max_history`, and requests that differ in beam width or exclude_history run in
 separate searches.
@@ -41,7 +44,12 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from onerec.export import ExportedModel
-from onerec.inference.beam_search import BeamSearchOutput, constrained_beam_search, model_device
+from onerec.inference.beam_search import (
+    BeamSearchOutput,
+    check_item_scores,
+    constrained_beam_search,
+    model_device,
+)
 from onerec.model.onerec import lookup_codes
 
 DEFAULT_BATCH_SIZE = 64
@@ -57,7 +65,9 @@ class Recommendation:
     rank: int  # 1-based
     item_id: str  # the raw item id of the training data
     title: str
-    score: float  # log-probability of the item's code tuple under the model
+    # log-probability of the item's code tuple under the model (+ eval.item_score_weight x the
+    # item head's log-probability of the item, when the export sets it)
+    score: float
 
     def to_dict(self) -> dict:
         """The wire form (`onerec recommend --input`, `onerec serve`)."""
@@ -141,6 +151,8 @@ class Recommender:
         self.max_history = cfg.data.max_history
         self.user_buckets = cfg.model.user_buckets
         self.exclude_history = cfg.eval.exclude_history
+        self.item_score_weight = cfg.eval.item_score_weight
+        check_item_scores(exported.model, self.item_score_weight)  # at load, not at the first request
         self.device = model_device(exported.model, torch.device("cpu"))
         self._index_of = {raw: index for index, raw in enumerate(exported.raw_ids)}
         self._codes_NL = exported.semantic_ids.codes.to(self.device)
@@ -309,6 +321,7 @@ class Recommender:
                 history_items_BS=history_BS,
                 exclude_items_BX=excluded_BX,
                 settings=settings,
+                item_score_weight=self.item_score_weight,
             )
 
     def _ranked(self, items: list[int], scores: list[float], k: int) -> list[Recommendation]:

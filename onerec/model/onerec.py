@@ -2,8 +2,10 @@
 
 Shape legend: B batch, S history length, M session items, L code levels (dedup level
 included), C codebook size (C_max over levels), D model dim, P decoder positions
-(M * (L + 1)), T generated codes so far, N beam rows (B requests x W beams), Q decoder
-positions fed in one cached step (1, or 2 where an item ends: its last code and the next BOS).
+(M * (L + 1)), T generated codes so far, Q decoder positions fed in one cached step (1, or 2
+where an item ends: its last code and the next BOS). N is the catalogue size (items) in
+codes_NL and the item head's item_logits_BN, and the beam rows (B requests x W beams) in the
+cached decoder (DecoderCache, decode_next).
 
 Encoder input (memory), one vector per history item, right-aligned:
 
@@ -12,6 +14,11 @@ Encoder input (memory), one vector per history item, right-aligned:
 The optional item-ID embedding (model.item_id_embedding) adds a free vector per item to the
 history side only, as OneRec's encoder reads sparse ID features beside the semantic ones; the
 decoder and its output stay purely semantic, so generation is unchanged.
+
+Item head (optional, `item_logits`): the encoder's state at the most recent history item
+dotted with every item's ID embedding (the same table, tied) scores the whole catalogue at
+once, a dense next-item objective beside the generative one (LIGER). It is trained with
+train.item_loss_weight and can rerank the final beams (eval.item_score_weight).
 
 Decoder input per session item m, teacher forced (OneRec section 3.2, TIGER section 3.2):
 
@@ -74,6 +81,7 @@ class ModelOutput:
     aux_loss: torch.Tensor  # MoE load-balancing loss summed over layers, unweighted
     z_loss: torch.Tensor  # router z-loss summed over layers, unweighted
     expert_load: torch.Tensor  # [num_moe_layers, E] share of routed copies per expert
+    item_logits_BN: torch.Tensor | None = None  # the item head's logits, when forward was asked for them
 
 
 def lookup_codes(items_BS: torch.Tensor, codes_NL: torch.Tensor) -> torch.Tensor:
@@ -232,8 +240,13 @@ class OneRecModel(nn.Module):
         target_codes_BML: torch.Tensor,
         user_B: torch.Tensor | None = None,
         history_items_BS: torch.Tensor | None = None,
+        with_item_logits: bool = False,
     ) -> ModelOutput:
-        """Teacher-forced logits for every target code of the session (see the module docstring)."""
+        """Teacher-forced logits for every target code of the session (see the module docstring).
+
+        with_item_logits=True also returns the item head's logits (item_logits) from the same
+        encoder pass; off, the head is not computed at all.
+        """
         self._check_codes("target_codes_BML", target_codes_BML)
         B, M, L = target_codes_BML.shape
         if M > self.session_len:
@@ -248,7 +261,24 @@ class OneRecModel(nn.Module):
             aux_loss=sum((a["aux_loss"] for a in aux), zero),
             z_loss=sum((a["z_loss"] for a in aux), zero),
             expert_load=torch.stack([a["load_E"] for a in aux]) if aux else hidden_BPD.new_zeros(0, 0),
+            item_logits_BN=self.item_logits(memory) if with_item_logits else None,
         )
+
+    def item_logits(self, memory: EncoderMemory) -> torch.Tensor:
+        """The item head: float32 logits [B, N] over the whole catalogue for the next item.
+
+        The encoder's state at the last position, the most recent item (histories are
+        right-aligned), dotted with every row of the item-ID table. Computed with autocast
+        off: bf16 rounds logits of ~10 to steps of ~0.06, too coarse for a softmax over
+        thousands of close candidates. Costs B x N x D multiply-adds and B x N floats.
+        """
+        if self.item_emb is None:
+            raise ValueError(
+                "the item head needs model.item_id_embedding: true (the item-ID table is its output layer)"
+            )
+        last_BD = memory.states_BSD[:, -1]
+        with torch.autocast(last_BD.device.type, enabled=False):
+            return last_BD.float() @ self.item_emb.weight.float().T
 
     def decode_step(self, memory: EncoderMemory, generated_BT: torch.Tensor) -> torch.Tensor:
         """Logits [B, C_max] for code number T (item T // L, level T % L) given the T codes so far.

@@ -70,6 +70,25 @@ def _check_sasrec_source(cfg: RootConfig) -> None:
         )
 
 
+def check_item_head(cfg: RootConfig) -> None:
+    """ConfigError when the item head (train.item_loss_weight, eval.item_score_weight) is asked
+    of a model without the item-ID table that is its output layer."""
+    if cfg.model.item_id_embedding:
+        return
+    for key, weight in (("train.item_loss_weight", cfg.train.item_loss_weight),
+                        ("eval.item_score_weight", cfg.eval.item_score_weight)):
+        if weight > 0:
+            raise ConfigError(
+                f"{key}={weight} needs model.item_id_embedding=true: the item head scores every item against "
+                f"the item-ID embedding table, which is off; set model.item_id_embedding=true or {key}=0"
+            )
+
+
+def _pretrain_inputs(cfg: RootConfig) -> list[Input]:
+    check_item_head(cfg)
+    return [("data/meta.json", "data"), ("semantic_ids/semantic_ids.json", "tokenize")]
+
+
 def _tokenize_inputs(cfg: RootConfig) -> list[Input]:
     inputs = [("data/meta.json", "data")]
     if cfg.tokenizer.needs_sasrec:
@@ -161,7 +180,7 @@ STAGES: tuple[Stage, ...] = (
           inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", distributed=True, in_pipeline=_always,
           config_sections=("data", "tokenizer", "run.seed")),
     Stage("pretrain", "next-token training of the MoE encoder-decoder -> <out>/pretrain/export",
-          inputs=lambda cfg: [("data/meta.json", "data"), ("semantic_ids/semantic_ids.json", "tokenize")],
+          inputs=_pretrain_inputs,
           done_marker="pretrain/export/model.safetensors", distributed=True, in_pipeline=_always, resumable=True,
           config_sections=("data", "model", "train", "eval", "parallel", "run.seed")),
     Stage("reward", "session reward model on logged feedback -> <out>/reward",
@@ -193,6 +212,7 @@ def pipeline_stages(cfg: RootConfig) -> list[Stage]:
     if cfg.align.enabled and not cfg.reward.enabled:
         raise ValueError("align.enabled needs the reward model: set reward.enabled=true as well")
     _check_sasrec_source(cfg)
+    check_item_head(cfg)
     return [stage for stage in STAGES if stage.in_pipeline is not None and stage.in_pipeline(cfg)]
 
 

@@ -5,7 +5,8 @@ With align.enabled the evaluated model is the aligned one (<out>/dpo/export); th
 model's numbers are kept under "pretrain_model" and the alignment report under "alignment".
 
 Full-catalogue ranking: the model's top-K comes from trie-constrained beam search over
-every item; the popularity baseline ranks every item by its training count.
+every item (its beams reranked by the item head when eval.item_score_weight > 0); the
+popularity baseline ranks every item by its training count.
 
 With W&B on, the stage's W&B run (job type "evaluate") gets metrics.json as its summary (flat
 keys: test/recall@10, baselines/popularity/test/ndcg@10, ...) and as the table
@@ -84,7 +85,7 @@ def _evaluate(cfg: RootConfig) -> dict:
                 pretrained.model, examples.history, examples.target[:, 0], examples.user if use_user_token else None,
                 codes_NL, pretrained.trie, beam_width=cfg.eval.beam_width, ks=list(cfg.eval.ks),
                 batch_size=cfg.eval.batch_size, device=device, desc=f"{split} (pretrained)",
-                exclude_history=cfg.eval.exclude_history,
+                exclude_history=cfg.eval.exclude_history, item_score_weight=cfg.eval.item_score_weight,
             )
             log.info("%s pretrained model: %s", split, _fmt(metrics["pretrain_model"][split]))
         metrics[split] = evaluate_examples(
@@ -100,6 +101,7 @@ def _evaluate(cfg: RootConfig) -> dict:
             device=device,
             desc=split,
             exclude_history=cfg.eval.exclude_history,
+            item_score_weight=cfg.eval.item_score_weight,
         )
         metrics["baselines"]["popularity"][split] = evaluate_popularity(
             torch.as_tensor(counts_N), torch.as_tensor(examples.target[:, 0]), list(cfg.eval.ks)

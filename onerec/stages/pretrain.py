@@ -14,6 +14,10 @@ and copies them to the device. With the trainer's int32 permutation of the examp
 [num_examples, S + M + 1] int64 copy on every device took ~(S + M + 1) x 8
 (bench/results/pretrain_data_memory_cpu.md).
 
+With train.item_loss_weight > 0 the loss adds the item head's cross-entropy over the whole
+catalogue (OneRecModel.item_logits), and validation reranks the beams by it when
+eval.item_score_weight > 0.
+
 Shape legend: B batch, S history length, M session items, L code levels, N items.
 """
 
@@ -25,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from onerec.config import RootConfig, to_dict
+from onerec.config import MoEConfig, RootConfig, TrainConfig, to_dict
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits, validation_subset
 from onerec.distributed.deepspeed import init_distributed
@@ -36,19 +40,62 @@ from onerec.inference.evaluate import evaluate_examples
 from onerec.logging import RateMeter, RunLogger, expert_load_scalars
 from onerec.model.onerec import lookup_codes
 from onerec.paths import RunPaths
+from onerec.stages import check_item_head
 from onerec.tokenizer.semantic_ids import SemanticIds
 from onerec.tokenizer.trie import build_trie
-from onerec.train.losses import next_token_loss
+from onerec.train.losses import item_loss, next_token_loss
 from onerec.train.trainer import AfterStepFn, Trainer
 
 log = logging.getLogger("onerec.pretrain")
 
 
+def batch_loss(
+    engine,
+    history_BS: torch.Tensor,
+    target_BM: torch.Tensor,
+    user_B: torch.Tensor | None,
+    codes_NL: torch.Tensor,
+    code_mask_LC: torch.Tensor,
+    train: TrainConfig,
+    moe: MoEConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch's training loss and its parts as scalars: the next-token cross-entropy, the
+    MoE losses and, when train.item_loss_weight > 0, the item head's cross-entropy.
+
+    engine: the model, or the DeepSpeed engine around it (which passes keyword arguments on).
+    """
+    history_codes_BSL = lookup_codes(history_BS, codes_NL)
+    target_codes_BML = lookup_codes(target_BM, codes_NL)
+    with_item_head = train.item_loss_weight > 0  # off: the head is not computed at all
+    output = engine(history_codes_BSL, target_codes_BML, user_B, history_BS, with_item_logits=with_item_head)
+    ntp, _ = next_token_loss(output.logits_BMLC, target_codes_BML, code_mask_LC, train.label_smoothing)
+    loss = ntp + moe.aux_loss_weight * output.aux_loss + moe.z_loss_weight * output.z_loss
+    scalars = {
+        "ntp_loss": ntp.detach().item(),
+        "aux_loss": output.aux_loss.detach().item(),
+        "z_loss": output.z_loss.detach().item(),
+    }
+    if with_item_head:
+        # The head scores one next item per history; with session_len > 1 that is the
+        # session's first item, the one the history directly precedes.
+        item_ce = item_loss(output.item_logits_BN, target_BM[:, 0])
+        loss = loss + train.item_loss_weight * item_ce
+        scalars["item_loss"] = item_ce.detach().item()
+    # This rank's batch; with data parallelism each rank sees an unbiased sample.
+    return loss, {**scalars, **expert_load_scalars(output.expert_load)}
+
+
 def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
     """after_step: called with each finished step's number (tests inject faults with it)."""
+    check_item_head(cfg)  # before the process group starts (run_stage checks it too; tests call main directly)
     paths = RunPaths.of(cfg.run.out_dir)
     dist_info = init_distributed(cfg.run.device)
     device = dist_info.device
+    if cfg.eval.item_score_weight > 0 and cfg.train.item_loss_weight == 0:
+        log.warning(
+            "eval.item_score_weight=%g reranks validation beams by the item head, which train.item_loss_weight=0 "
+            "does not train", cfg.eval.item_score_weight,
+        )
     torch.manual_seed(cfg.run.seed)
 
     prepared = load_prepared(paths.require(paths.data, "data"))
@@ -70,36 +117,23 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
     apply_expert_parallel(model, cfg.parallel.expert_parallel_size)
 
     use_user_token = cfg.model.user_buckets > 0
-    moe = cfg.model.moe
     token_rate = RateMeter(cfg.train.log_every)
 
     def step_fn(engine, indices: torch.Tensor):
         batch = train.gather(indices.numpy())  # this step's rows only, gathered on the host
         history_BS = torch.from_numpy(batch.history).to(device)
-        history_codes_BSL = lookup_codes(history_BS, codes_NL)
-        target_codes_BML = lookup_codes(torch.from_numpy(batch.target).to(device), codes_NL)
+        target_BM = torch.from_numpy(batch.target).to(device)
         user_B = torch.from_numpy(batch.user).to(device) if use_user_token else None
-        output = engine(history_codes_BSL, target_codes_BML, user_B, history_BS)
-        ntp, _ = next_token_loss(
-            output.logits_BMLC, target_codes_BML, model.code_mask_LC, cfg.train.label_smoothing
+        loss, scalars = batch_loss(
+            engine, history_BS, target_BM, user_B, codes_NL, model.code_mask_LC, cfg.train, cfg.model.moe
         )
-        loss = ntp + moe.aux_loss_weight * output.aux_loss + moe.z_loss_weight * output.z_loss
         # Tokens = positions the model computes on, padding included (that is what costs time):
         # the encoder's start token + S history items, the decoder's M * (L + 1) inputs. Every
         # rank runs an equal share of the global batch, so the global count is world_size x ours.
         B, S = history_BS.shape
-        _, M, L = target_codes_BML.shape
+        M, L = target_BM.shape[1], codes_NL.shape[1]
         tokens = B * (S + 1 + M * (L + 1)) * dist_info.world_size
-        scalars = {
-            "ntp_loss": ntp.detach().item(),
-            "aux_loss": output.aux_loss.detach().item(),
-            "z_loss": output.z_loss.detach().item(),
-            "tokens": tokens,
-            "tokens_per_s": token_rate.update(tokens),
-            # This rank's batch; with data parallelism each rank sees an unbiased sample.
-            **expert_load_scalars(output.expert_load),
-        }
-        return loss, scalars
+        return loss, {**scalars, "tokens": tokens, "tokens_per_s": token_rate.update(tokens)}
 
     rows = validation_subset(len(valid), cfg.eval.max_valid_users, cfg.run.seed)
 
@@ -118,6 +152,7 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
             desc="valid",
             distributed=dist_info.world_size > 1,  # each rank decodes its share of the users
             exclude_history=cfg.eval.exclude_history,
+            item_score_weight=cfg.eval.item_score_weight,
         )
         token_rate.reset()  # the next tokens_per_s covers training steps only
         return metrics

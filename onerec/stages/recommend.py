@@ -1,7 +1,8 @@
 """`onerec recommend --model EXPORT`: top-K items from a model export, in one of two forms.
 
 - `--history "ID ID ..."` [--user-id U]: one history, printed as a table (rank, raw item id,
-  log-probability, title).
+  log-probability, title; the combined score instead when the export reranks by its item
+  head, eval.item_score_weight > 0).
 - `--input requests.jsonl --output out.jsonl`: a request file, one JSON object per line
   ("-" for standard input/output), answered in input order with the model loaded once and
   `--batch-size` requests per beam search, a progress bar on stderr. The format and what a bad
@@ -116,7 +117,9 @@ def _one_history(args: argparse.Namespace) -> list:
                                   where="--history")
     results = recommender.run([request])[0]
     width = max((len(r.item_id) for r in results), default=4)
-    print(f"{'rank':>4}  {'item':<{width}}  {'log-prob':>9}  title")
+    # Reranked by the item head (the export's eval.item_score_weight > 0): a combined score.
+    score_name = "score" if recommender.item_score_weight > 0 else "log-prob"
+    print(f"{'rank':>4}  {'item':<{width}}  {score_name:>9}  title")
     for r in results:
         print(f"{r.rank:>4}  {r.item_id:<{width}}  {r.score:>9.3f}  {r.title}")
     return results

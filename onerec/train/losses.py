@@ -1,6 +1,7 @@
 """Training losses.
 
-Shape legend: B batch, M session items, L code levels, C codebook size (C_max over levels).
+Shape legend: B batch, M session items, L code levels, C codebook size (C_max over levels),
+N items (the catalogue).
 """
 
 from __future__ import annotations
@@ -35,3 +36,15 @@ def next_token_loss(
     num_tokens = valid_BML.sum()
     loss = token_loss_BML.masked_fill(~valid_BML, 0.0).sum() / num_tokens.clamp(min=1)
     return loss, num_tokens
+
+
+def item_loss(item_logits_BN: torch.Tensor, target_items_B: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the item head over the rows whose target is a real item (>= 0).
+
+    A row with target -1 (no next item) carries no loss; with no real row at all the loss is
+    0, not NaN, so a step of such rows stays finite.
+    """
+    real_B = target_items_B >= 0
+    log_probs_BN = F.log_softmax(item_logits_BN.float(), dim=-1)
+    target_log_prob_B = log_probs_BN.gather(-1, target_items_B.long().clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -target_log_prob_B.masked_fill(~real_B, 0.0).sum() / real_B.sum().clamp(min=1)
