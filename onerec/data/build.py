@@ -122,7 +122,9 @@ def _item_texts(raw: RawLog, catalogue: list[str], table_row: dict[str, int], cf
     titles, texts = [], []
     for item in catalogue:
         row = table_row[item]
-        parts = [fields[f][row].strip() for f in cfg.text_fields if fields[f][row].strip()]
+        # Each distinct non-empty field once: a reader that fills a missing title from another
+        # field (amazon2014: short_text) must not make that text count twice in the embedding.
+        parts = list(dict.fromkeys(fields[f][row].strip() for f in cfg.text_fields if fields[f][row].strip()))
         title = fields["title"][row].strip() if "title" in fields else ""
         titles.append(title or item)
         texts.append("; ".join(parts) or f"item {item}")

@@ -70,6 +70,8 @@ def test_amazon2014_format(tmp_path):
     )
     tables = build(DataConfig(format="amazon2014", root=str(tmp_path), text_fields=["title", "short_text"]))
     assert tables.items["title"] == ["Lipstick red", "nail polish", "Shampoo"]  # missing title -> short_text
+    # The embedded text names each field once: no "nail polish; nail polish" for the untitled item.
+    assert tables.items["text"] == ["Lipstick red; red lipstick", "nail polish", "Shampoo; mild shampoo"]
     assert tables.interactions["item_index"].tolist() == [0, 1, 2, 2, 1, 0, 1]
     assert tables.interactions["order"].tolist() == [0, 1, 2, 0, 1, 2, 3]
 
