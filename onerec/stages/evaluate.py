@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from onerec.config import RootConfig, to_dict
+from onerec.config import BASELINE_MODELS, RootConfig, to_dict
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits, training_item_counts
 from onerec.device import resolve_device
@@ -40,21 +40,26 @@ def main(cfg: RootConfig) -> dict:
     run_logger = RunLogger(cfg.logging, paths.root, "evaluate", to_dict(cfg))
     try:
         metrics = _evaluate(cfg)
-        log_metrics(run_logger, with_sasrec(metrics, paths.sasrec / "metrics.json"))
+        log_metrics(run_logger, with_baselines(metrics, paths.baselines))
     finally:
         run_logger.close()
     return metrics
 
 
-def with_sasrec(metrics: dict, sasrec_metrics: Path) -> dict:
-    """metrics with the SASRec baseline's valid/test numbers beside the popularity baseline,
-    when the baseline stage ran in this run directory: for the W&B summary and table only
-    (metrics.json stays what this stage computed, so its freshness depends on its own inputs)."""
-    if not sasrec_metrics.is_file():
+def with_baselines(metrics: dict, baselines_dir: Path) -> dict:
+    """metrics with the valid/test numbers of every next-item baseline that ran in this run
+    directory (<baselines_dir>/<model>/metrics.json, in config.BASELINE_MODELS order) beside the
+    popularity baseline: for the W&B summary and table only (metrics.json stays what this
+    stage computed, so its freshness depends on its own inputs)."""
+    found = {}
+    for name in BASELINE_MODELS:
+        path = baselines_dir / name / "metrics.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            found[name] = {split: result[split] for split in ("valid", "test") if split in result}
+    if not found:
         return metrics
-    sasrec = json.loads(sasrec_metrics.read_text())
-    baselines = {**metrics.get("baselines", {}), "sasrec": {split: sasrec[split] for split in ("valid", "test") if split in sasrec}}
-    return {**metrics, "baselines": baselines}
+    return {**metrics, "baselines": {**metrics.get("baselines", {}), **found}}
 
 
 def log_metrics(run_logger: RunLogger, metrics: dict) -> None:

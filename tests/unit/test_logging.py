@@ -366,20 +366,23 @@ def test_evaluate_summary_and_table_hold_metrics_json(tmp_path, monkeypatch):
     ]
 
 
-def test_the_evaluate_summary_sets_sasrec_beside_popularity_when_the_baseline_ran(tmp_path):
+def test_the_evaluate_summary_sets_every_baseline_that_ran_beside_popularity(tmp_path):
     from onerec.report.tables import metrics_table
-    from onerec.stages.evaluate import with_sasrec
+    from onerec.stages.evaluate import with_baselines
 
     metrics = {"model": "pretrain/export", "valid": {"ndcg@10": 0.05}, "test": {"ndcg@10": 0.04},
                "baselines": {"popularity": {"valid": {"ndcg@10": 0.02}, "test": {"ndcg@10": 0.01}}}}
-    assert with_sasrec(metrics, tmp_path / "missing.json") is metrics
-    (tmp_path / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": 0.06}, "test": {"ndcg@10": 0.05},
-                                                       "best_epoch": 3}))
-    logged = with_sasrec(metrics, tmp_path / "metrics.json")
-    assert logged["baselines"]["sasrec"] == {"valid": {"ndcg@10": 0.06}, "test": {"ndcg@10": 0.05}}
+    assert with_baselines(metrics, tmp_path / "baselines") is metrics  # none ran
+    for name, ndcg in (("sasrec", 0.05), ("hstu", 0.07)):
+        (tmp_path / "baselines" / name).mkdir(parents=True)
+        (tmp_path / "baselines" / name / "metrics.json").write_text(
+            json.dumps({"valid": {"ndcg@10": ndcg + 0.5}, "test": {"ndcg@10": ndcg}, "best_epoch": 3}))
+    logged = with_baselines(metrics, tmp_path / "baselines")
+    assert list(logged["baselines"]) == ["popularity", "sasrec", "hstu"]  # config.BASELINE_MODELS order
+    assert logged["baselines"]["sasrec"] == {"valid": {"ndcg@10": 0.55}, "test": {"ndcg@10": 0.05}}
     assert "sasrec" not in metrics["baselines"]  # metrics.json itself is left as evaluate computed it
     _, rows = metrics_table(logged)
-    assert ["test", "sasrec baseline", 0.05] in rows
+    assert ["test", "sasrec baseline", 0.05] in rows and ["test", "hstu baseline", 0.07] in rows
 
 
 def test_console_lines_name_the_rank_when_no_launcher_prefixes_them():
