@@ -301,6 +301,9 @@ class ModelConfig:
     num_heads: int = ranged(4, min=1)
     # 0 is allowed: the decoder then reads the history embeddings directly.
     encoder_layers: int = ranged(2, min=0)
+    # transformer: softmax self-attention layers (T5-style); hstu: HSTU blocks (pointwise SiLU
+    # attention with a relative position bias, onerec/model/hstu.py) over the whole history.
+    encoder_block: str = "transformer"
     # At least one: the decoder reads the history only through its cross-attention.
     decoder_layers: int = ranged(2, min=1)
     d_ff: int = ranged(512, min=1)
@@ -315,6 +318,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_ranges("model", self)
         _check_divisible("model", self.d_model, self.num_heads)
+        _check_choice("model", "encoder_block", self.encoder_block, ("transformer", "hstu"))
 
 
 @dataclass

@@ -49,7 +49,7 @@ IGNORED_SECTIONS = ("logging",)
 NEUTRAL_DEFAULTS: dict[str, Any] = {
     "sasrec.enabled": True, "sasrec.max_len": 0, "sasrec.crop_prob": 0.0, "sasrec.crop_ratio": 0.6,
     "sasrec.shuffle_prob": 0.0, "sasrec.shuffle_ratio": 0.3,
-    "train.item_loss_weight": 0.0, "eval.item_score_weight": 0.0,
+    "train.item_loss_weight": 0.0, "eval.item_score_weight": 0.0, "model.encoder_block": "transformer",
 }
 # Sections that change nothing while their switch is off: their keys count only when it is on.
 SWITCHED_SECTIONS = {"sasrec_pp": "enabled", "hstu": "enabled"}

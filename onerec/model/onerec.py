@@ -11,6 +11,10 @@ Encoder input (memory), one vector per history item, right-aligned:
 
     [start(+user)] [item_1] ... [item_S]        item = sum_l code_emb[l, c_l] (+ id_emb[item]) + pos_emb[s]
 
+The encoder is a stack of softmax self-attention layers, or with model.encoder_block=hstu of
+HSTU blocks (onerec/model/hstu.py: pointwise SiLU attention gated by U, a learned bias per
+relative position), bidirectional over [start] + history either way.
+
 The optional item-ID embedding (model.item_id_embedding) adds a free vector per item to the
 history side only, as OneRec's encoder reads sparse ID features beside the semantic ones; the
 decoder and its output stay purely semantic, so generation is unchanged.
@@ -38,6 +42,7 @@ import torch
 from torch import nn
 
 from onerec.config import ModelConfig
+from onerec.model.hstu import HSTUBlock, RelativeBias
 from onerec.model.layers import DecoderLayer, EncoderLayer, FeedForward, LayerCache
 from onerec.model.moe import MoEFeedForward
 
@@ -124,9 +129,19 @@ class OneRecModel(nn.Module):
         self.decoder_pos_emb = nn.Embedding(session_len * (L + 1), D)
         self.dropout = nn.Dropout(cfg.dropout)
 
-        self.encoder_layers = nn.ModuleList(
-            EncoderLayer(D, cfg.num_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.encoder_layers)
-        )
+        # The encoder reads [start] + S history items: S + 1 positions.
+        if cfg.encoder_block == "hstu":
+            self.encoder_layers = nn.ModuleList(
+                HSTUBlock(D, cfg.num_heads, max_history + 1, cfg.dropout) for _ in range(cfg.encoder_layers)
+            )
+            # Between history items only: the start token's bias stays 0, so a left-padded
+            # history and the same history unpadded get the same bias between real positions.
+            self.encoder_bias = RelativeBias(max_history, bidirectional=True)
+        else:
+            self.encoder_layers = nn.ModuleList(
+                EncoderLayer(D, cfg.num_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.encoder_layers)
+            )
+            self.encoder_bias = None
         self.encoder_norm = nn.LayerNorm(D)
         self.decoder_layers = nn.ModuleList(
             DecoderLayer(D, cfg.num_heads, self._decoder_ffn(cfg), cfg.dropout) for _ in range(cfg.decoder_layers)
@@ -210,8 +225,13 @@ class OneRecModel(nn.Module):
             [torch.zeros(B, 1, dtype=torch.bool, device=x_BSD.device), (history_codes_BSL < 0).all(-1)], dim=1
         )
         allowed_B1S = ~pad_BS.unsqueeze(1)
-        for layer in self.encoder_layers:
-            x_BSD = layer(x_BSD, allowed_B1S)
+        if self.encoder_bias is not None:  # HSTU blocks: every position reads every real one
+            bias_1SS = nn.functional.pad(self.encoder_bias(S, None, x_BSD.device), (1, 0, 1, 0))  # + start
+            for layer in self.encoder_layers:
+                x_BSD = layer(x_BSD, bias_1SS, allowed_B1S)
+        else:
+            for layer in self.encoder_layers:
+                x_BSD = layer(x_BSD, allowed_B1S)
         return EncoderMemory(self.encoder_norm(x_BSD), pad_BS)
 
     # ---------------------------------------------------------------- decoder

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from onerec.baselines.hstu import HSTU, RelativeBias
+from onerec.baselines.hstu import HSTU
+from onerec.model.hstu import RelativeBias
 from onerec.baselines.sasrec import sequence_loss
 from onerec.config import ConfigError, HSTUConfig, load_config
 
