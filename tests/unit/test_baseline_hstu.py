@@ -134,3 +134,28 @@ def test_history_times_are_aligned_with_the_histories():
         assert times.shape == history.shape
         real = history >= 0
         np.testing.assert_array_equal(times[real] % 97, history[real])
+
+
+def test_quality_table_and_seed_aggregate_carry_the_hstu_row():
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    spec = importlib.util.spec_from_file_location("quality", bench / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+
+    def result(ndcg: float) -> dict:
+        metrics = {"recall@5": 0.05, "ndcg@5": 0.03, "recall@10": 0.08, "ndcg@10": ndcg}
+        return {
+            "name": "tiny", "command": "python bench/quality.py --name tiny", "date": "2026-01-01", "device": "CPU",
+            "ours": {"valid": metrics, "test": metrics}, "popularity": {"valid": metrics, "test": metrics},
+            "hstu": {"valid": metrics, "test": metrics, "best_epoch": 3}, "published": {}, "published_sources": {},
+            "seconds": {"pipeline": 60.0, "hstu": 120.0},
+        }
+
+    table = quality.markdown(result(0.04))
+    assert "| HSTU (ours, CE) | 0.0500 | 0.0300 | 0.0800 | 0.0400 | measured |" in table and "HSTU 2.0 min" in table
+    combined = quality.aggregate([result(0.04), result(0.06)], [0, 1])
+    assert combined["hstu"]["test"]["ndcg@10"] == pytest.approx(0.05)
+    assert combined["hstu"]["test_std"]["ndcg@10"] == pytest.approx(0.0141421, rel=1e-4)
