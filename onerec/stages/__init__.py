@@ -132,6 +132,8 @@ class Stage:
     # The config sections (or single keys) whose values can change this stage's output: part
     # of its provenance fingerprint.
     config_sections: tuple[str, ...] = ()
+    # Keys inside those sections that cannot change this stage's output (left out of it).
+    config_ignored: tuple[str, ...] = ()
     # Writes under run.out_dir (everything but printing the config).
     writes_run_dir: bool = True
 
@@ -168,6 +170,16 @@ class Stage:
     def records_provenance(self) -> bool:
         return self.in_pipeline is not None
 
+    def config_keys(self, cfg: RootConfig) -> dict:
+        """The flattened config values this stage's output depends on (its fingerprint's part)."""
+        config = config_subset(to_dict(cfg), self.config_sections)
+        return {key: value for key, value in config.items() if key not in self.config_ignored}
+
+
+# Inference settings the training stages never read (their validation ranks the plain beams);
+# only evaluate, recommend and serve apply them, so changing one after training reruns evaluate
+# alone.
+AFTER_TRAINING = ("eval.item_score_weight",)
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "raw files -> validated, dense-id tables in <out>/data",
@@ -175,14 +187,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("baseline", "SASRec (+ SASRec++ / HSTU when enabled) on the same split -> <out>/baselines/<model>",
           inputs=lambda cfg: [("data/meta.json", "data")], done_marker=_baseline_done,
           in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec or cfg.sasrec_pp.enabled or cfg.hstu.enabled,
-          config_sections=("data", "sasrec", "sasrec_pp", "hstu", "eval", "run.seed")),
+          config_sections=("data", "sasrec", "sasrec_pp", "hstu", "eval", "run.seed"), config_ignored=AFTER_TRAINING),
     Stage("tokenize", "item embeddings -> semantic IDs + trie in <out>/semantic_ids",
           inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", distributed=True, in_pipeline=_always,
           config_sections=("data", "tokenizer", "run.seed")),
     Stage("pretrain", "next-token training of the MoE encoder-decoder -> <out>/pretrain/export",
           inputs=_pretrain_inputs,
           done_marker="pretrain/export/model.safetensors", distributed=True, in_pipeline=_always, resumable=True,
-          config_sections=("data", "model", "train", "eval", "parallel", "run.seed")),
+          config_sections=("data", "model", "train", "eval", "parallel", "run.seed"), config_ignored=AFTER_TRAINING),
     Stage("reward", "session reward model on logged feedback -> <out>/reward",
           inputs=lambda cfg: [("data/meta.json", "data"), ("semantic_ids/semantic_ids.json", "tokenize")],
           done_marker="reward/reward.json", distributed=True, in_pipeline=lambda cfg: cfg.reward.enabled,
@@ -192,7 +204,7 @@ STAGES: tuple[Stage, ...] = (
                               ("reward/reward.json", "reward")],
           done_marker="dpo/alignment.json", distributed=True, in_pipeline=lambda cfg: cfg.align.enabled,
           resumable=True, config_sections=("data", "align", "eval", "run.seed", "parallel", "train.precision",
-                                           "train.zero_stage", "train.grad_clip")),
+                                           "train.zero_stage", "train.grad_clip"), config_ignored=AFTER_TRAINING),
     Stage("evaluate", "validation and test Recall/NDCG@K beside popularity -> <out>/metrics.json",
           inputs=_evaluate_inputs, done_marker="metrics.json", in_pipeline=_always,
           config_sections=("data", "eval", "align.enabled")),
@@ -220,7 +232,7 @@ def _record_inputs(stage: Stage, cfg: RootConfig) -> tuple[dict, dict[str, str],
     """What `stage` would be made from now: its config keys, the upstream outputs it would
     read (by output id), and for `data` the raw files."""
     root = RunPaths.of(cfg.run.out_dir).root
-    config = config_subset(to_dict(cfg), stage.config_sections)
+    config = stage.config_keys(cfg)
     upstream = {}
     for name in stage.upstream(cfg):
         record = read_record(root, name)

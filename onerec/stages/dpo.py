@@ -103,7 +103,7 @@ class _RoundLog:
 def _fingerprint(cfg: RootConfig) -> str:
     """The dpo stage's provenance fingerprint (its config keys and the outputs it reads): the
     saved rounds are continued only when it has not changed."""
-    from onerec.provenance import LEGACY_OUTPUT, config_subset, fingerprint, read_record
+    from onerec.provenance import LEGACY_OUTPUT, fingerprint, read_record
     from onerec.stages import BY_NAME
 
     stage, root = BY_NAME["dpo"], RunPaths.of(cfg.run.out_dir).root
@@ -111,7 +111,7 @@ def _fingerprint(cfg: RootConfig) -> str:
     for name in stage.upstream(cfg):
         record = read_record(root, name)
         upstream[name] = record.output_id if record is not None else LEGACY_OUTPUT
-    return fingerprint("dpo", config_subset(to_dict(cfg), stage.config_sections), upstream, [])
+    return fingerprint("dpo", stage.config_keys(cfg), upstream, [])
 
 
 class _Ipa:

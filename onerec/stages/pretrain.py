@@ -15,8 +15,9 @@ and copies them to the device. With the trainer's int32 permutation of the examp
 (bench/results/pretrain_data_memory_cpu.md).
 
 With train.item_loss_weight > 0 the loss adds the item head's cross-entropy over the whole
-catalogue (OneRecModel.item_logits), and validation reranks the beams by it when
-eval.item_score_weight > 0.
+catalogue (OneRecModel.item_logits). Validation ranks the plain beams whatever
+eval.item_score_weight says: the rerank is an inference setting, chosen after training
+(bench/validation.py --item-score-weight) and applied by evaluate, recommend and serve.
 
 Shape legend: B batch, S history length, M session items, L code levels, N items.
 """
@@ -93,8 +94,8 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
     device = dist_info.device
     if cfg.eval.item_score_weight > 0 and cfg.train.item_loss_weight == 0:
         log.warning(
-            "eval.item_score_weight=%g reranks validation beams by the item head, which train.item_loss_weight=0 "
-            "does not train", cfg.eval.item_score_weight,
+            "eval.item_score_weight=%g will rerank the exported model's beams by its item head, which "
+            "train.item_loss_weight=0 does not train", cfg.eval.item_score_weight,
         )
     torch.manual_seed(cfg.run.seed)
 
@@ -152,7 +153,6 @@ def main(cfg: RootConfig, after_step: Optional[AfterStepFn] = None) -> Path:
             desc="valid",
             distributed=dist_info.world_size > 1,  # each rank decodes its share of the users
             exclude_history=cfg.eval.exclude_history,
-            item_score_weight=cfg.eval.item_score_weight,
         )
         token_rate.reset()  # the next tokens_per_s covers training steps only
         return metrics

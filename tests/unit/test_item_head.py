@@ -337,6 +337,20 @@ def test_records_written_before_the_item_head_stay_fresh():
     assert config_subset(on, sections)["eval.item_score_weight"] == 0.2
 
 
+def test_the_rerank_weight_is_chosen_after_training_without_retraining():
+    """eval.item_score_weight is an inference setting: the training stages' fingerprints leave
+    it out (their validation ranks the plain beams), evaluate's counts it."""
+    from onerec.stages import BY_NAME
+
+    base = load_config(None, ["model.item_id_embedding=true", "train.item_loss_weight=0.2"])
+    reranked = load_config(None, ["model.item_id_embedding=true", "train.item_loss_weight=0.2",
+                                  "eval.item_score_weight=1"])
+    for name in ("baseline", "pretrain", "dpo"):
+        assert BY_NAME[name].config_keys(base) == BY_NAME[name].config_keys(reranked), name
+    assert BY_NAME["evaluate"].config_keys(reranked)["eval.item_score_weight"] == 1
+    assert "eval.item_score_weight" not in BY_NAME["evaluate"].config_keys(base)  # 0: neutral
+
+
 def test_a_checkpoint_written_before_the_item_head_still_resumes():
     """train.resume=auto compares the checkpoint's config with the current one: the new keys at
     their neutral value are no change, a weight that trains the head is one."""
