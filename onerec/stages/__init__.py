@@ -186,7 +186,8 @@ STAGES: tuple[Stage, ...] = (
           done_marker="data/meta.json", in_pipeline=_always, config_sections=("data",)),
     Stage("baseline", "SASRec (+ SASRec++ / HSTU when enabled) on the same split -> <out>/baselines/<model>",
           inputs=lambda cfg: [("data/meta.json", "data")], done_marker=_baseline_done,
-          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec or cfg.sasrec_pp.enabled or cfg.hstu.enabled,
+          # tokenize reads SASRec's vectors, or a baseline beyond `sasrec` was asked for
+          in_pipeline=lambda cfg: cfg.tokenizer.needs_sasrec or any(m != "sasrec" for m in cfg.enabled_baselines),
           config_sections=("data", "sasrec", "sasrec_pp", "hstu", "eval", "run.seed"), config_ignored=AFTER_TRAINING),
     Stage("tokenize", "item embeddings -> semantic IDs + trie in <out>/semantic_ids",
           inputs=_tokenize_inputs, done_marker="semantic_ids/semantic_ids.json", distributed=True, in_pipeline=_always,
