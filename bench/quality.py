@@ -36,6 +36,7 @@ import torch
 from onerec.config import load_config, to_dict
 from onerec.logging import setup_console, write_json_atomic
 from onerec.paths import RunPaths
+from onerec.stages.baseline import LABELS as BASELINE_NAMES  # SASRec, SASRec++, HSTU by config section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import accelerator_name, processor_name  # noqa: E402  (same folder)
@@ -48,7 +49,6 @@ BASELINE_ROWS = {
     "sasrec_pp": "SASRec++ (ours, CE + crop/shuffle)",
     "hstu": "HSTU (ours, CE)",
 }
-BASELINE_NAMES = {"sasrec": "SASRec", "sasrec_pp": "SASRec++", "hstu": "HSTU"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
