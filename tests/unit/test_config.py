@@ -86,3 +86,22 @@ def test_alignment_without_a_reward_model_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="reward.enabled"):
         pipeline_main(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_scientific_config_is_the_beauty_config_with_other_data():
+    """Scientific measures whether Beauty's choices carry over, so only the keys that describe
+    the data (its format, path and text fields) and the run directory may differ; the reward
+    section is for bench/reward.py on Beauty only."""
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    beauty = dict(leaves(to_dict(load_config(CONFIG_DIR / "beauty" / "pipeline.yaml"))))
+    scientific = dict(leaves(to_dict(load_config(CONFIG_DIR / "scientific" / "pipeline.yaml"))))
+    differing = {key for key in beauty.keys() | scientific.keys() if beauty.get(key) != scientific.get(key)}
+    allowed = {"run.out_dir", "data.format", "data.root", "data.text_fields"}
+    assert {key for key in differing if not key.startswith("reward.")} <= allowed, sorted(differing - allowed)
