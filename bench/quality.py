@@ -196,8 +196,9 @@ def pipeline_metrics(cfg, skip_pipeline: bool) -> dict:
     return pipeline_main(cfg)
 
 
-def run_seed(cfg, args, argv: list[str] | None) -> dict:
-    """One run of the pipeline and the baselines for `cfg` (one seed): the result dict."""
+def run_seed(cfg, args, argv: list[str] | None, pipeline_seconds: float | None = None) -> dict:
+    """One run of the pipeline and the baselines for `cfg` (one seed): the result dict.
+    pipeline_seconds: the measured wall time of a run made earlier (--skip-pipeline)."""
     paths = RunPaths.of(cfg.run.out_dir)
 
     from onerec.stages import BY_NAME
@@ -205,7 +206,7 @@ def run_seed(cfg, args, argv: list[str] | None) -> dict:
 
     started = time.perf_counter()
     metrics = pipeline_metrics(cfg, args.skip_pipeline)
-    pipeline_seconds = args.pipeline_seconds or metrics.get("wall_seconds", time.perf_counter() - started)
+    pipeline_seconds = pipeline_seconds or metrics.get("wall_seconds", time.perf_counter() - started)
     baseline_files = {name: paths.baselines / name / "metrics.json" for name in cfg.enabled_baselines}
     sasrec_in_pipeline = bool(
         baseline_files and BY_NAME["baseline"].in_pipeline(cfg) and all(f.is_file() for f in baseline_files.values())
@@ -269,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-pipeline", action="store_true", help="reuse <out>/metrics.json from a finished run")
     parser.add_argument(
         "--pipeline-seconds",
-        type=float,
-        help="with --skip-pipeline: the measured wall time of that run when it was done in pieces (e.g. resumed)",
+        help="with --skip-pipeline: the measured wall time of each seed's run (comma-separated, one per seed)\n"
+             "when it was done in pieces or its metrics.json holds only the evaluate stage's time",
     )
     parser.add_argument(
         "--seeds", type=int, default=1,
@@ -280,11 +281,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: expected 1 or more")
+    try:
+        seconds = [float(v) for v in args.pipeline_seconds.split(",")] if args.pipeline_seconds else [None] * args.seeds
+    except ValueError:
+        parser.error(f"--pipeline-seconds {args.pipeline_seconds}: expected numbers, comma-separated")
+    if len(seconds) != args.seeds:
+        parser.error(f"--pipeline-seconds: {len(seconds)} values for {args.seeds} seeds; give one per seed")
     setup_console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
     runs = [load_config(args.config, [*args.overrides, *extra]) for extra in seed_overrides(cfg, args.seeds)]
-    results = [run_seed(run_cfg, args, argv) for run_cfg in runs]
+    results = [run_seed(run_cfg, args, argv, secs) for run_cfg, secs in zip(runs, seconds)]
     result = results[0] if len(results) == 1 else aggregate(results, [run_cfg.run.seed for run_cfg in runs])
 
     published, sources, target, target_label = {}, {}, None, None
