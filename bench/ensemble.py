@@ -10,10 +10,13 @@ head's rerank weight of --item-score-weight (default: the export's eval.item_sco
 Fusions (choose on validation, the default split):
   probability  sum over runs of the softmax of each run's final beam scores (its W beams)
   rank         reciprocal-rank fusion, sum over runs of 1 / (60 + rank)
+--baseline sasrec fuses the runs' SASRec baselines instead (baselines/sasrec/, the same
+seeds): its top W items over the full catalogue stand in for the beams, W the beam width, so
+an ensemble of generative models can be set against an ensemble of the same size of SASRecs.
 The table has every run alone and every fusion of all of them; beams are cached per run and
 split under --cache (decoding is the slow part), so a second fusion costs nothing.
-The runs must share their prepared data (the same item indices): their data/meta.json and
-split sizes are checked.
+The runs must share their prepared data (the same item indices): a run whose targets differ
+from the first run's is refused.
 
 Shape legend: B users in a batch, U users of the split, W beam width, M runs, K cutoff.
 """
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from onerec.checkpoint import load_weights
+from onerec.config import load_config
 from onerec.data.prepared import load_prepared
 from onerec.data.splits import make_splits
 from onerec.export import load_export
@@ -38,6 +43,8 @@ from onerec.inference.metrics import MetricAccumulator
 from onerec.logging import write_json_atomic
 from onerec.model.onerec import lookup_codes
 from onerec.paths import RunPaths
+from onerec.baselines.sasrec import WEIGHTS_FILE
+from onerec.stages.baseline import MODEL_CLASSES, history_length
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import RESULTS, device_name  # noqa: E402  (same folder)
@@ -89,6 +96,39 @@ def decode_split(
     return items_UW, scores_UW, target_U
 
 
+def decode_baseline(run: str, split: str, name: str, device: str, max_users: int = 0):
+    """(items_UW, scores_UW log-softmax over the catalogue, target_U) of a run's next-item
+    baseline `name`: its top W items (W = eval.beam_width), the history left out as the run's
+    eval.exclude_history says."""
+    paths = RunPaths.of(run)
+    cfg = load_config(paths.root / "config.yaml")
+    section = getattr(cfg, name)
+    max_len = history_length(cfg, section)
+    if max_len != cfg.data.max_history:
+        raise SystemExit(f"{run}: {name} reads {max_len} items of history, the data {cfg.data.max_history}")
+    prepared = load_prepared(paths.require(paths.data, "data"))
+    examples = make_splits(prepared.sequences, cfg.data)[split]
+    model = MODEL_CLASSES[name](section, len(prepared.items), max_len).to(device)
+    if model.uses_time:
+        raise SystemExit(f"--baseline {name}: only models without time inputs are supported here")
+    load_weights(model, paths.baselines / name / WEIGHTS_FILE)
+    model.eval()
+    num_rows = min(max_users, len(examples)) if max_users else len(examples)
+    items, scores = [], []
+    for start in tqdm(range(0, num_rows, 1024), desc=f"{Path(run).name} {name} {split}"):
+        history_BS = torch.as_tensor(examples.history[np.arange(start, min(start + 1024, num_rows))]).long().to(device)
+        scores_BN = torch.log_softmax(model.item_logits(model(history_BS)[:, -1]), dim=-1)
+        if cfg.eval.exclude_history:
+            seen_BN = torch.zeros(len(history_BS), model.num_items + 1, dtype=torch.bool, device=device)
+            seen_BN.scatter_(1, torch.where(history_BS >= 0, history_BS, model.num_items), True)
+            scores_BN = scores_BN.masked_fill(seen_BN[:, :-1], float("-inf"))
+        top = scores_BN.topk(cfg.eval.beam_width, dim=-1)
+        items.append(top.indices.cpu().numpy())
+        scores.append(top.values.cpu().numpy())
+    target_U = np.asarray(examples.target[np.arange(num_rows), 0], dtype=np.int64)
+    return np.concatenate(items), np.concatenate(scores), target_U
+
+
 def fuse(items_MUW: list[np.ndarray], scores_MUW: list[np.ndarray], fusion: str, k: int) -> np.ndarray:
     """The top-k items_UK of the runs' ranked lists fused per item (-1 where fewer than k)."""
     num_users = len(items_MUW[0])
@@ -135,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--item-score-weight", type=float, default=None,
                         help="the item head's weight in each run's beam ranking; default: each export's")
+    parser.add_argument("--baseline", choices=("sasrec",), default=None,
+                        help="fuse the runs' baseline of this name instead of their generative models")
     parser.add_argument("--cache", default=None, help="where decoded beams are kept (default: <first run>/ensemble)")
     parser.add_argument("--name", default=None, help="write bench/results/ensemble_<name>_<split>.json")
     args = parser.parse_args(argv)
@@ -144,15 +186,19 @@ def main(argv: list[str] | None = None) -> dict:
     cache = Path(args.cache) if args.cache else Path(args.runs[0]) / "ensemble"
 
     started = time.perf_counter()
-    decoded = [decode_split(run, args.split, args.device, cache, args.item_score_weight, args.max_users) for run in args.runs]
+    if args.baseline:
+        decoded = [decode_baseline(run, args.split, args.baseline, args.device, args.max_users) for run in args.runs]
+    else:
+        decoded = [decode_split(run, args.split, args.device, cache, args.item_score_weight, args.max_users)
+                   for run in args.runs]
     targets = [target for _, _, target in decoded]
     if any(not np.array_equal(targets[0], t) for t in targets[1:]):
         raise SystemExit(f"--runs: the runs' {args.split} targets differ; an ensemble needs the same prepared data")
-    rows = {Path(run).name: metrics_of(items, targets[0], ks) for run, (items, _, _) in zip(args.runs, decoded)}
+    rows = {Path(run).name + (f" {args.baseline}" if args.baseline else ""): metrics_of(items, targets[0], ks) for run, (items, _, _) in zip(args.runs, decoded)}
     fusions = ["probability", "rank"] if args.fusion == "both" else [args.fusion]
     for fusion in fusions:
         fused = fuse([d[0] for d in decoded], [d[1] for d in decoded], fusion, max(ks))
-        rows[f"ensemble of {len(args.runs)} ({fusion})"] = metrics_of(fused, targets[0], ks)
+        rows[f"ensemble of {len(args.runs)}{f' {args.baseline}' if args.baseline else ''} ({fusion})"] = metrics_of(fused, targets[0], ks)
 
     names = list(next(iter(rows.values())))
     command = f"python bench/ensemble.py {' '.join(argv if argv is not None else sys.argv[1:])}"
@@ -164,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": command, "split": args.split, "users": len(targets[0]), "device": device_name(args.device),
               "seconds": time.perf_counter() - started, "rows": rows}
     if args.name:
-        write_json_atomic(RESULTS / f"ensemble_{args.name}_{args.split}.json", result)
+        suffix = f"_{args.baseline}" if args.baseline else ""
+        write_json_atomic(RESULTS / f"ensemble_{args.name}_{args.split}{suffix}.json", result)
     return result
 
 
