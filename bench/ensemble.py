@@ -96,6 +96,7 @@ def decode_split(
     return items_UW, scores_UW, target_U
 
 
+@torch.no_grad()
 def decode_baseline(run: str, split: str, name: str, device: str, max_users: int = 0):
     """(items_UW, scores_UW log-softmax over the catalogue, target_U) of a run's next-item
     baseline `name`: its top W items (W = eval.beam_width), the history left out as the run's

@@ -57,3 +57,30 @@ def test_a_user_without_a_live_beam_gets_no_items():
     dead = [np.array([[-1, -1]]), np.array([[-1, -1]])]
     top = ensemble.fuse(dead, [np.full((1, 2), -np.inf)] * 2, "probability", k=2)
     assert top.tolist() == [[-1, -1]]
+
+
+def test_a_runs_sasrec_decoded_here_scores_what_the_baseline_stage_measured(tmp_path):
+    """decode_baseline rebuilds a run's SASRec from its config and weights: its top items give
+    the validation metrics the baseline stage wrote, to the last digit."""
+    import json
+
+    from onerec.cli import main as cli_main
+
+    rng = np.random.default_rng(0)
+    lines = ["user_id,item_id"] + [f"u{u},i{(int(rng.integers(0, 30)) + t) % 30}" for u in range(40) for t in range(7)]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "log.csv").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    overrides = [f"run.out_dir={run}", "run.device=cpu", "data.format=csv", f"data.root={tmp_path / 'raw'}",
+                 "data.interactions_file=log.csv", "data.max_history=5", "sasrec.d_model=16", "sasrec.layers=1",
+                 "sasrec.max_epochs=2", "eval.beam_width=12", "eval.exclude_history=true"]
+    assert cli_main(["plan", *overrides]) == 0  # writes <run>/config.yaml, which decode_baseline reads
+    assert cli_main(["data", *overrides]) == 0 and cli_main(["baseline", *overrides]) == 0
+    measured = json.loads((run / "baselines/sasrec/metrics.json").read_text())["valid"]
+
+    items, scores, target = ensemble.decode_baseline(str(run), "valid", "sasrec", "cpu")
+    assert items.shape == (len(target), 12) and np.all(np.diff(scores, axis=1) <= 0)
+    assert ensemble.metrics_of(items, target, [5, 10]) == pytest.approx(measured, abs=1e-12)
+    # The same run twice fuses to its own order.
+    twice = ensemble.fuse([items, items], [scores, scores], "probability", k=10)
+    assert np.array_equal(twice, items[:, :10])
