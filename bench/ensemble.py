@@ -120,9 +120,7 @@ def decode_baseline(run: str, split: str, name: str, device: str, max_users: int
         history_BS = torch.as_tensor(examples.history[np.arange(start, min(start + 1024, num_rows))]).long().to(device)
         scores_BN = torch.log_softmax(model.item_logits(model(history_BS)[:, -1]), dim=-1)
         if cfg.eval.exclude_history:
-            seen_BN = torch.zeros(len(history_BS), model.num_items + 1, dtype=torch.bool, device=device)
-            seen_BN.scatter_(1, torch.where(history_BS >= 0, history_BS, model.num_items), True)
-            scores_BN = scores_BN.masked_fill(seen_BN[:, :-1], float("-inf"))
+            scores_BN = model.without_history(scores_BN, history_BS)
         top = scores_BN.topk(cfg.eval.beam_width, dim=-1)
         items.append(top.indices.cpu().numpy())
         scores.append(top.values.cpu().numpy())

@@ -59,11 +59,15 @@ class NextItemRanker:
         hidden_BD = self.forward(history_BS, times_BS)[:, -1]
         scores_BN = self.item_logits(hidden_BD)
         if exclude_history:
-            # Padding (-1) lands on an extra column that is dropped again.
-            seen_BN = torch.zeros(scores_BN.shape[0], self.num_items + 1, dtype=torch.bool, device=scores_BN.device)
-            seen_BN.scatter_(1, torch.where(history_BS >= 0, history_BS, self.num_items), True)
-            scores_BN = scores_BN.masked_fill(seen_BN[:, :-1], float("-inf"))
+            scores_BN = self.without_history(scores_BN, history_BS)
         return scores_BN.topk(min(k, self.num_items), dim=-1).indices
+
+    def without_history(self, scores_BN: torch.Tensor, history_BS: torch.Tensor) -> torch.Tensor:
+        """scores_BN with each history's own items at -inf (the `eval.exclude_history` rule)."""
+        # Padding (-1) lands on an extra column that is dropped again.
+        seen_BN = torch.zeros(scores_BN.shape[0], self.num_items + 1, dtype=torch.bool, device=scores_BN.device)
+        seen_BN.scatter_(1, torch.where(history_BS >= 0, history_BS, self.num_items), True)
+        return scores_BN.masked_fill(seen_BN[:, :-1], float("-inf"))
 
 
 class SASRec(NextItemRanker, nn.Module):
