@@ -62,7 +62,6 @@ whole directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -78,6 +77,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from onerec.errors import CorruptFileError
 from onerec.logging import write_json_atomic
+from onerec.provenance import file_digest
 
 log = logging.getLogger("onerec.checkpoint")
 
@@ -98,14 +98,6 @@ class CheckpointError(CorruptFileError, RuntimeError):
 
 
 # ------------------------------------------------------------------ manifests
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest_entries(files: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
     """{"files": {name: sha256}, "sizes": {name: bytes}} of `files` (name -> the file now).
 
@@ -113,7 +105,7 @@ def manifest_entries(files: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
     under a temporary name before it is renamed into place).
     """
     return {
-        "files": {name: _sha256(path) for name, path in files.items()},
+        "files": {name: file_digest(path) for name, path in files.items()},
         "sizes": {name: path.stat().st_size for name, path in files.items()},
     }
 
@@ -147,7 +139,7 @@ def verify_files(directory: Path, manifest_path: Path, error: type[Exception] = 
         size = file_path.stat().st_size
         if name in sizes and size != sizes[name]:
             raise error(f"{file_path}: truncated or corrupted file ({size} bytes, expected {sizes[name]})")
-        if _sha256(file_path) != expected:
+        if file_digest(file_path) != expected:
             raise error(f"{file_path}: checksum mismatch (truncated or corrupted file)")
     return manifest
 

@@ -8,7 +8,7 @@ When a stage finishes it writes a record:
 
     fingerprint = sha256(stage, onerec version, the config keys the stage reads,
                          the output_id of every upstream stage it read, [data: the raw files' names,
-                         sizes and modification times])
+                         sizes and content digests])
     output_id   = a fresh id for each run of the stage: a downstream stage records the exact
                   output it read, so rerunning a stage (even with the same config) marks what was
                   made from its old output as stale
@@ -20,6 +20,13 @@ it reads must be fresh; otherwise StaleInputError names the first stage to rerun
 
 Keys that cannot change a stage's output are left out (where outputs go, the device, resume,
 logging). Outputs written by an older onerec have no record: they are trusted, with a warning.
+
+Raw files count by content, not by modification time: the same data set copied again (a new
+mount, a copy without timestamps, a rebuilt image) leaves every run made from it fresh. The
+record keeps each file's size and modification time beside its sha256, so a later check hashes
+only the files whose size or time moved (as git's index does: an edit that restores both is not
+seen). A record written before digests were kept ([path, size, mtime_ns] per file) is compared
+as it was made, so a copy with new times still marks it stale.
 """
 
 from __future__ import annotations
@@ -113,26 +120,55 @@ def config_subset(config: dict, sections: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def raw_file_listing(data_root: str) -> list[list]:
-    """[relative path, size, mtime_ns] of the files under data.root: an edited raw file changes it."""
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (raw logs can be larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def raw_file_listing(data_root: str, known: Optional[list] = None, digests: bool = True) -> list[list]:
+    """[relative path, size, mtime_ns, sha256] of the files under data.root, sorted by path.
+
+    known: the listing of an earlier record; a file whose path, size and mtime_ns it shares
+    keeps that digest instead of being read again. digests=False gives [path, size, mtime_ns]
+    entries, the form of records written before digests were kept."""
     if not data_root:
         return []
     root = Path(data_root)
     if root.is_file():
-        stat = root.stat()
-        return [[root.name, stat.st_size, stat.st_mtime_ns]]
+        files = [(root.name, root)]
+    else:
+        files = [(path.relative_to(root).as_posix(), path) for path in sorted(root.rglob("*")) if path.is_file()]
+        files = files[:MAX_RAW_FILES]
+    recorded = {tuple(entry[:3]): entry[3] for entry in known or () if len(entry) == 4}
     listing = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            listing.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
-            if len(listing) >= MAX_RAW_FILES:
-                break
+    for name, path in files:
+        stat = path.stat()
+        entry = [name, stat.st_size, stat.st_mtime_ns]
+        if digests:
+            entry.append(recorded.get(tuple(entry)) or file_digest(path))
+        listing.append(entry)
     return listing
 
 
+def has_digests(raw_files: list) -> bool:
+    """Whether a listing names each file by content (False only for records older than digests)."""
+    return all(len(entry) == 4 for entry in raw_files)
+
+
+def raw_file_identity(raw_files: list) -> list:
+    """What the fingerprint holds of a listing: [path, size, sha256], or the old entries whole."""
+    return [[entry[0], entry[1], entry[3]] if len(entry) == 4 else entry for entry in raw_files]
+
+
 def fingerprint(stage: str, config: dict[str, Any], upstream: dict[str, str], raw_files: list) -> str:
-    payload = {"stage": stage, "onerec": __version__, "config": config, "upstream": upstream, "raw_files": raw_files}
+    payload = {
+        "stage": stage, "onerec": __version__, "config": config, "upstream": upstream,
+        "raw_files": raw_file_identity(raw_files),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

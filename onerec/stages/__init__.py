@@ -39,10 +39,13 @@ from onerec.locks import stage_lock
 from onerec.paths import RunPaths
 from onerec.provenance import (
     LEGACY_OUTPUT,
+    Record,
     changed_keys,
     config_subset,
     fingerprint,
+    has_digests,
     new_record,
+    raw_file_identity,
     raw_file_listing,
     read_record,
     write_record,
@@ -229,16 +232,20 @@ def pipeline_stages(cfg: RootConfig) -> list[Stage]:
     return [stage for stage in STAGES if stage.in_pipeline is not None and stage.in_pipeline(cfg)]
 
 
-def _record_inputs(stage: Stage, cfg: RootConfig) -> tuple[dict, dict[str, str], list]:
+def _record_inputs(stage: Stage, cfg: RootConfig, previous: Optional[Record] = None) -> tuple[dict, dict[str, str], list]:
     """What `stage` would be made from now: its config keys, the upstream outputs it would
-    read (by output id), and for `data` the raw files."""
+    read (by output id), and for `data` the raw files (listed as `previous`, the stage's
+    record, lists them, reusing its digests of the files that did not move)."""
     root = RunPaths.of(cfg.run.out_dir).root
     config = stage.config_keys(cfg)
     upstream = {}
     for name in stage.upstream(cfg):
         record = read_record(root, name)
         upstream[name] = record.output_id if record is not None else LEGACY_OUTPUT
-    raw_files = raw_file_listing(cfg.data.root) if stage.name == "data" else []
+    raw_files = []
+    if stage.name == "data":
+        known = previous.raw_files if previous is not None else []
+        raw_files = raw_file_listing(cfg.data.root, known=known, digests=has_digests(known))
     return config, upstream, raw_files
 
 
@@ -253,7 +260,7 @@ def freshness(stage: Stage, cfg: RootConfig) -> tuple[bool, str]:
     if record is None:
         log.warning("%s: no provenance record (written by an older onerec): trusting it", done)
         return True, "no record"
-    config, upstream, raw_files = _record_inputs(stage, cfg)
+    config, upstream, raw_files = _record_inputs(stage, cfg, previous=record)
     if fingerprint(stage.name, config, upstream, raw_files) == record.fingerprint:
         return True, "up to date"
     changed = changed_keys(record.config, config)
@@ -262,7 +269,9 @@ def freshness(stage: Stage, cfg: RootConfig) -> tuple[bool, str]:
     remade = [name for name in upstream if record.upstream.get(name) != upstream[name]]
     if remade:
         return False, "made from an earlier output of " + ", ".join(f"`{name}`" for name in remade)
-    if raw_files != record.raw_files:
+    if raw_file_identity(raw_files) != raw_file_identity(record.raw_files):
+        if not has_digests(record.raw_files):  # an older record knows times, not contents
+            return False, f"the raw files under data.root={cfg.data.root} have other sizes or times than when it ran"
         return False, f"the raw files under data.root={cfg.data.root} changed since it ran"
     return False, f"made by onerec {record.onerec}"
 

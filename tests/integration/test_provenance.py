@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from onerec.cli import main as cli_main
+from onerec.provenance import fingerprint
 
 _spec = importlib.util.spec_from_file_location("pipeline_test", Path(__file__).with_name("test_pipeline.py"))
 pipeline_test = importlib.util.module_from_spec(_spec)
@@ -63,3 +65,58 @@ def test_a_changed_stage_config_is_named_when_a_later_stage_reads_it(finished_ru
     tmp, overrides = finished_run
     assert cli_main(["pretrain", *overrides, "tokenizer.codebook_size=4"]) == 2
     assert "`onerec tokenize`" in caplog.text and "tokenizer.codebook_size" in caplog.text
+
+
+def _data_record(tmp: Path) -> dict:
+    return json.loads((tmp / "run" / ".onerec" / "provenance" / "data.json").read_text())
+
+
+def _touch(path: Path) -> None:
+    """A new modification time, the same bytes (what a copy without timestamps does)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def test_the_same_raw_files_copied_again_leave_the_run_fresh(finished_run):
+    """The reported case: the shared data set was copied again (same bytes, new modification
+    times) and every stage of an hour-long run counted as stale."""
+    tmp, overrides = finished_run
+    log = tmp / "raw" / "log.csv"
+    recorded = _data_record(tmp)["raw_files"]
+    assert [entry[0] for entry in recorded] == ["items.csv", "log.csv"]
+    assert all(len(entry) == 4 and len(entry[3]) == 64 for entry in recorded)  # path, size, time, sha256
+    _touch(log)
+    metrics = (tmp / "run" / "metrics.json").read_bytes()
+    assert cli_main(["pipeline", *overrides]) == 0  # every stage fresh: nothing runs
+    assert (tmp / "run" / "metrics.json").read_bytes() == metrics
+    assert cli_main(["evaluate", *overrides]) == 0  # not refused as stale
+
+
+def test_raw_files_with_other_bytes_of_the_same_size_make_the_run_stale(finished_run, caplog):
+    tmp, overrides = finished_run
+    log = tmp / "raw" / "log.csv"
+    text = log.read_text()
+    edited = text.replace("1", "2", 1)
+    assert edited != text and len(edited) == len(text)
+    log.write_text(edited)
+    assert cli_main(["evaluate", *overrides]) == 2
+    assert "`onerec data`" in caplog.text and "changed since it ran" in caplog.text
+    assert cli_main(["pipeline", *overrides]) == 0
+    assert _stages_run(tmp / "run") == ["data", "tokenize", "pretrain", "evaluate"]
+
+
+def test_a_record_from_before_digests_is_compared_by_size_and_time(finished_run, caplog):
+    """Runs made before records kept digests stay fresh while their raw files are untouched;
+    with only times to go by, a copy with new times counts as a change."""
+    tmp, overrides = finished_run
+    path = tmp / "run" / ".onerec" / "provenance" / "data.json"
+    record = json.loads(path.read_text())
+    record["raw_files"] = [entry[:3] for entry in record["raw_files"]]
+    record["fingerprint"] = fingerprint("data", record["config"], record["upstream"], record["raw_files"])
+    path.write_text(json.dumps(record))
+    metrics = (tmp / "run" / "metrics.json").read_bytes()
+    assert cli_main(["pipeline", *overrides]) == 0
+    assert (tmp / "run" / "metrics.json").read_bytes() == metrics
+    _touch(tmp / "raw" / "log.csv")
+    assert cli_main(["evaluate", *overrides]) == 2
+    assert "other sizes or times than when it ran" in caplog.text
