@@ -213,7 +213,7 @@ def run_seed(cfg, args, argv: list[str] | None, pipeline_seconds: float | None =
     )
     if sasrec_in_pipeline:
         # The pipeline ran the baseline stage (before tokenize, which may read SASRec's item vectors).
-        baselines = {name: json.loads(f.read_text()) for name, f in baseline_files.items()}
+        baselines = {name: finished_baseline(cfg, name, f) for name, f in baseline_files.items()}
     else:
         baselines = baseline_main(cfg) if baseline_files else {}
     return {
@@ -226,6 +226,24 @@ def run_seed(cfg, args, argv: list[str] | None, pipeline_seconds: float | None =
         "sasrec_in_pipeline": sasrec_in_pipeline,
         "semantic_ids": metrics.get("semantic_ids", {}),
     }
+
+
+def finished_baseline(cfg, name: str, path: Path) -> dict:
+    """A finished baseline's metrics.json, refused (ValueError naming the file and the keys)
+    unless it was trained with `cfg`'s section `name` and run.seed: a table must never show
+    a model trained with other settings than its command line says."""
+    result = json.loads(path.read_text())
+    wanted = to_dict(getattr(cfg, name))
+    trained = result.get("config", {})
+    differ = sorted(k for k in wanted.keys() | trained.keys() if wanted.get(k) != trained.get(k))
+    if differ:
+        raise ValueError(
+            f"{path}: trained with other {name} settings than the config asks: "
+            + ", ".join(f"{name}.{k}={trained.get(k)!r} (config: {wanted.get(k)!r})" for k in differ)
+        )
+    if "seed" in result and result["seed"] != cfg.run.seed:  # older files do not record it
+        raise ValueError(f"{path}: trained with run.seed={result['seed']}, the config asks for {cfg.run.seed}")
+    return result
 
 
 def seed_overrides(cfg, seeds: int) -> list[list[str]]:

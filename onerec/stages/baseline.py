@@ -178,6 +178,7 @@ def train_baseline(cfg: RootConfig, name: str, seqs: UserSequences, num_items: i
         "history_len": max_len,
         "uses_time": uses_time,
         "config": to_dict(sc),
+        "seed": cfg.run.seed,
         "device": str(device),
         "augment_seconds": augment_seconds,
         "wall_seconds": time.perf_counter() - started,

@@ -213,6 +213,7 @@ def test_onerec_baseline_trains_sasrec_and_sasrec_pp_each_into_its_folder(tmp_pa
     assert sasrec["augment_seconds"] == 0
     assert set(pp["test"]) == set(pp["valid"]) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10"}
     assert pp["config"]["crop_prob"] == 0.5 and pp["config"]["max_len"] == 12
+    assert pp["seed"] == sasrec["seed"] == 0  # run.seed, which bench/quality.py checks when it reads these
     # Provenance: fresh now; a sasrec_pp key makes the stage stale, and names that key.
     stage = BY_NAME["baseline"]
     assert freshness(stage, load_config(None, overrides)) == (True, "up to date")
