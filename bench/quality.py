@@ -139,7 +139,7 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Date: {result['date']}; device: {result['device']}; wall time: pipeline "
         f"{result['seconds']['pipeline'] / 60:.1f} min{baseline_minutes}"
-        + (" (part of the pipeline's time)." if baselines and result.get("sasrec_in_pipeline") else "."),
+        + timing_note(result, bool(baselines)),
         "",
         *lines,
         "",
@@ -166,6 +166,13 @@ def markdown(result: dict) -> str:
                 f"{t['collision_rate_before_dedup']:.4f} |"
             )
     return "\n".join(out) + "\n"
+
+
+def timing_note(result: dict, has_baselines: bool) -> str:
+    """How the wall times above were measured, ending their sentence."""
+    if result.get("read_back"):
+        return ". Every model was read back from a finished run (--skip-pipeline): each time is that run's own."
+    return " (part of the pipeline's time)." if has_baselines and result.get("sasrec_in_pipeline") else "."
 
 
 def write_results(results_dir: Path, stem: str, result: dict, table: str) -> None:
@@ -224,6 +231,7 @@ def run_seed(cfg, args, argv: list[str] | None, pipeline_seconds: float | None =
         "test_users": count_test_users(cfg),
         "seconds": {"pipeline": pipeline_seconds, **{name: b["wall_seconds"] for name, b in baselines.items()}},
         "sasrec_in_pipeline": sasrec_in_pipeline,
+        "read_back": bool(args.skip_pipeline),
         "semantic_ids": metrics.get("semantic_ids", {}),
     }
 

@@ -39,3 +39,17 @@ def test_a_finished_baseline_is_read_only_with_the_settings_the_config_asks_for(
         quality.finished_baseline(cfg, "sasrec_pp", _baseline_file(tmp_path, {**trained, "max_epochs": 300}, seed=1))
     with pytest.raises(ValueError, match="run.seed=0, the config asks for 1"):
         quality.finished_baseline(cfg, "sasrec_pp", _baseline_file(tmp_path, trained, seed=0))
+
+
+def test_the_table_says_when_its_runs_were_read_back_rather_than_timed_here():
+    metrics = {m: 0.01 for m in quality.METRICS}
+    result = {
+        "name": "x", "command": "c", "date": "d", "device": "cpu", "published": {},
+        "popularity": {"test": metrics}, "ours": {"valid": metrics, "test": metrics},
+        "sasrec": {"valid": metrics, "test": metrics}, "seconds": {"pipeline": 600.0, "sasrec": 60.0},
+        "sasrec_in_pipeline": True,
+    }
+    assert "SASRec 1.0 min (part of the pipeline's time)." in quality.markdown(result)
+    read_back = quality.markdown({**result, "read_back": True})
+    assert "part of the pipeline's time" not in read_back
+    assert "SASRec 1.0 min. Every model was read back from a finished run (--skip-pipeline)" in read_back
