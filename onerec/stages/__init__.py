@@ -234,8 +234,9 @@ def pipeline_stages(cfg: RootConfig) -> list[Stage]:
 
 def _record_inputs(stage: Stage, cfg: RootConfig, previous: Optional[Record] = None) -> tuple[dict, dict[str, str], list]:
     """What `stage` would be made from now: its config keys, the upstream outputs it would
-    read (by output id), and for `data` the raw files (listed as `previous`, the stage's
-    record, lists them, reusing its digests of the files that did not move)."""
+    read (by output id), and for `data` the raw files. `previous`: the stage's own record;
+    its digests are reused for the files whose size and time did not move, and a record older
+    than digests gets a listing in its own form."""
     root = RunPaths.of(cfg.run.out_dir).root
     config = stage.config_keys(cfg)
     upstream = {}
